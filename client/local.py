@@ -1,0 +1,128 @@
+"""A client's local work for one message, on the node's cached model and data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Context
+from torch import Tensor
+
+from common.config import NodeConfig, RunConfig, resolve_device
+from common.data import client_task_indices
+from common.experiment import HEAD, Experiment, build_experiment, stable_seed
+from common.lora import get_factors, set_deltas, set_factors, set_trainable
+from common.protocol import ClientReply, RoundOrder
+from common.training import gram_pass, make_loader, train_block
+
+
+def mean_delta_terms(
+    past: list[tuple[dict[str, Tensor], dict[str, Tensor]]], layers: list[str], device: str
+) -> tuple[dict[str, Tensor] | None, float]:
+    """Set-up for W0 + mean_{tau<=t}(B_tau A_tau) where the current adapter is the t-th term.
+
+    Returns (sum over past tasks of B_tau A_tau / (t+1) per layer, scale 1/(t+1) for the live adapter).
+    """
+    if not past:
+        return None, 1.0
+    n = len(past) + 1
+    deltas = {
+        name: sum(b[name].to(device) @ a[name].to(device) for a, b in past) / n for name in layers
+    }
+    return deltas, 1.0 / n
+
+
+@dataclass
+class LocalWork:
+    run: RunConfig
+    node: NodeConfig
+    exp: Experiment
+
+    @classmethod
+    def from_context(cls, context: Context) -> "LocalWork":
+        run = RunConfig.parse(context.run_config, source="run config")
+        node = NodeConfig.parse(context.node_config, source="node config")
+        if node.num_threads:
+            torch.set_num_threads(node.num_threads)
+        device = resolve_device(node.device or run.device)
+        exp = build_experiment(run, node.data_dir or run.data_dir, device)
+        return cls(run=run, node=node, exp=exp)
+
+    @property
+    def gram_dtype(self) -> torch.dtype:
+        return getattr(torch, self.run.gram_dtype)
+
+    def _indices(self, task: int) -> np.ndarray:
+        return client_task_indices(
+            self.exp.stream, task, self.node.partition_id, self.node.num_partitions, self.run.beta, self.run.seed
+        )
+
+    def _block(self, order: RoundOrder) -> tuple[int, int]:
+        """The task's classes; server and client derive them independently, so a mismatch means different data."""
+        block = self.exp.block(order.task)
+        if block != order.block:
+            raise ValueError(
+                f"task {order.task}: server says classes {order.block}, this node's data says {block}; "
+                "do the server and this SuperNode use the same run config and data?"
+            )
+        return block
+
+    def _load_adapter(self, order: RoundOrder) -> None:
+        model = self.exp.model
+        set_factors(model, "A", order.A)
+        set_factors(model, "B", order.B)
+
+    def _grams(self, order: RoundOrder, indices: np.ndarray, with_head: bool) -> tuple[dict[str, Tensor], int]:
+        """Grams through W0 + mean of the task deltas (the current adapter included), as the paper's clients do."""
+        model, device = self.exp.model, self.exp.device
+        deltas, scale = mean_delta_terms(order.past, list(self.exp.shapes), device)
+        set_deltas(model, deltas, adapter_scale=scale)
+        alpha = self.exp.alpha if with_head else {k: v for k, v in self.exp.alpha.items() if k != HEAD}
+        loader = make_loader(self.exp.stream.train, indices, self.run.eval_batch_size, shuffle=False, seed=0)
+        try:
+            grams, _rows = gram_pass(model, loader, alpha, passes=self.run.gram_passes, device=device)
+        finally:
+            set_deltas(model, None, adapter_scale=1.0)
+        return grams, len(indices)
+
+    def train_round(self, order: RoundOrder) -> ClientReply:
+        model, device = self.exp.model, self.exp.device
+        if order.factor not in ("A", "B") or order.head_weight is None:
+            raise ValueError(f"a training round needs factor A or B and the head block, got {order.factor!r}")
+        self._load_adapter(order)
+        lo, hi = self._block(order)
+        with torch.no_grad():
+            model.head.weight[lo:hi] = order.head_weight.to(device)
+            model.head.bias[lo:hi] = order.head_bias.to(device)
+        set_deltas(model, None, adapter_scale=1.0)
+        set_trainable(model, order.factor)
+        model.head.requires_grad_(True)
+
+        indices = self._indices(order.task)
+        loader = make_loader(
+            self.exp.stream.train,
+            indices,
+            self.run.batch_size,
+            shuffle=True,
+            seed=stable_seed(self.run.seed, order.task, order.round, self.node.partition_id),
+        )
+        loss = train_block(model, loader, (lo, hi), epochs=self.run.local_epochs, lr=self.run.lr, device=device)
+        grams, n = self._grams(order, indices, with_head=True)
+        return ClientReply(
+            task=order.task,
+            round=order.round,
+            factor=order.factor,
+            num_examples=n,
+            grams=grams,
+            trained=get_factors(model, order.factor),
+            head_weight=model.head.weight[lo:hi].detach().cpu(),
+            head_bias=model.head.bias[lo:hi].detach().cpu(),
+            train_loss=loss,
+        )
+
+    def task_end_grams(self, order: RoundOrder) -> ClientReply:
+        self._block(order)
+        self._load_adapter(order)
+        grams, n = self._grams(order, self._indices(order.task), with_head=False)
+        return ClientReply(task=order.task, round=order.round, factor="", num_examples=n, grams=grams)

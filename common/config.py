@@ -1,0 +1,116 @@
+"""Typed run and node configuration, validated once at the edge.
+
+Flower hands both apps the same ``[tool.flwr.app.config]`` table (``context.run_config``) with kebab-case
+keys, and each SuperNode its own ``--node-config``. Both are parsed here into frozen pydantic models, so the
+rest of the code works with typed, checked objects and a bad value fails at start-up with a message that names
+the key, instead of deep inside a round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], *, source: str) -> "_Config":
+        """Validate a Flower config mapping; the error names every bad key and where it came from."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+            )
+            raise ConfigError(f"invalid {source}: {problems}") from None
+
+
+class ConfigError(ValueError):
+    """A run or node configuration value is missing, unknown or out of range."""
+
+
+class RunConfig(_Config):
+    """Everything that defines a run; identical on the server and every client."""
+
+    strategy: Literal["lorm"] = "lorm"
+    dataset: str = "offline"
+    data_dir: str = ""
+    backbone: str = "efficientnet_lite0"
+    weights: str = ""
+    img_size: int = Field(48, ge=8, le=1024)
+    classes_per_task: int = Field(5, ge=1)
+    num_tasks: int = Field(0, ge=0, description="0 = every task the stream has")
+    max_train_per_class: int = Field(0, ge=0, description="0 = no cap")
+    max_test_per_class: int = Field(0, ge=0, description="0 = no cap")
+    rounds_per_task: int = Field(3, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    rank: int = Field(4, ge=1, le=256)
+    beta: float = Field(0.5, gt=0)
+    alpha_backbone: float = Field(0.0, ge=0, le=1)
+    alpha_head: float = Field(0.5, ge=0, le=1)
+    gram_passes: int = Field(1, ge=1)
+    ridge: float = Field(0.0, ge=0)
+    gram_dtype: Literal["float64", "float32"] = "float32"
+    seed: int = 0
+    min_clients: int = Field(1, ge=1, description="a round fails when fewer clients reply")
+    round_timeout: float = Field(900.0, gt=0)
+    output_dir: str = "outputs"
+    run_name: str = Field("", description="results folder name; empty = run-<flower run id>")
+    device: str = "auto"
+    eval_batch_size: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _known_names(self) -> "RunConfig":
+        # Imported here: the registries pull in torch/timm, which config parsing must not need for its own tests.
+        from common.backbones import BACKBONES
+        from common.data import STREAMS
+
+        for key, value, registry in (
+            ("dataset", self.dataset, STREAMS),
+            ("backbone", self.backbone, BACKBONES),
+        ):
+            if value not in registry:
+                raise ValueError(f"{key} {value!r} is not one of {sorted(registry)}")
+        return self
+
+    @property
+    def factor_schedule(self) -> list[str]:
+        """The factor trained in each round of a task: B, A, B, A, ... (B first: with B = 0, A gets no gradient)."""
+        return ["B" if r % 2 == 0 else "A" for r in range(self.rounds_per_task)]
+
+
+class NodeConfig(_Config):
+    """One SuperNode's own settings (``--node-config``); simulation fills partition-id/num-partitions."""
+
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="ignore", frozen=True)
+
+    partition_id: int = Field(ge=0)
+    num_partitions: int = Field(ge=1)
+    data_dir: str = ""
+    device: str = ""
+    num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
+
+    @model_validator(mode="after")
+    def _partition_in_range(self) -> "NodeConfig":
+        if self.partition_id >= self.num_partitions:
+            raise ValueError(f"partition-id {self.partition_id} must be < num-partitions {self.num_partitions}")
+        return self
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' picks CUDA when this machine has it; anything else is passed to torch as given."""
+    import torch
+
+    if requested in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested

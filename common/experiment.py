@@ -1,0 +1,78 @@
+"""One run's model and data, built the same way on the server (evaluation) and on every client (training)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+
+from common.backbones import BACKBONES
+from common.config import RunConfig
+from common.data import Stream, load_stream
+from common.lora import layer_shapes
+from common.model import FCILModel, build_model
+
+HEAD = "head"
+
+
+def stable_seed(*parts: int) -> int:
+    """A seed derived from integers, equal on every machine (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass
+class Experiment:
+    """The frozen backbone with LoRA slots, the class-incremental stream and per-layer statistic forms."""
+
+    run: RunConfig
+    model: FCILModel
+    stream: Stream
+    tasks: list[list[int]]  # global class ids per task, truncated to run.num_tasks
+    shapes: dict[str, tuple[int, int]]  # adapted layer -> (d_out, d_in)
+    device: str
+
+    @property
+    def alpha(self) -> dict[str, float]:
+        """Gram shrinkage per layer: alpha-backbone for every adapted layer, alpha-head for the head."""
+        return {name: self.run.alpha_backbone for name in self.shapes} | {HEAD: self.run.alpha_head}
+
+    @property
+    def gram_d_in(self) -> dict[str, int]:
+        return {name: d_in for name, (_, d_in) in self.shapes.items()} | {HEAD: self.model.head.in_features}
+
+    @property
+    def gram_dense(self) -> dict[str, bool]:
+        return {name: a > 0 for name, a in self.alpha.items()}
+
+    def block(self, task: int) -> tuple[int, int]:
+        """(lo, hi): the task's classes are the contiguous global ids lo..hi-1."""
+        classes = self.tasks[task]
+        return classes[0], classes[-1] + 1
+
+
+@functools.lru_cache(maxsize=2)
+def build_experiment(run: RunConfig, data_dir: str, device: str) -> Experiment:
+    """Cached per process: a SuperNode or simulation worker builds the backbone and loads the data once."""
+    spec = BACKBONES[run.backbone]
+    stream = load_stream(
+        run.dataset,
+        img_size=run.img_size,
+        mean=spec.mean,
+        std=spec.std,
+        classes_per_task=run.classes_per_task,
+        data_dir=data_dir or None,
+        max_train_per_class=run.max_train_per_class or None,
+        max_test_per_class=run.max_test_per_class or None,
+        seed=run.seed,
+    )
+    tasks = stream.tasks[: run.num_tasks] if run.num_tasks else list(stream.tasks)
+    if run.num_tasks > len(stream.tasks):
+        raise ValueError(f"num-tasks {run.num_tasks} but the {run.dataset} stream has {len(stream.tasks)} tasks")
+    for t, classes in enumerate(tasks):
+        if classes != list(range(classes[0], classes[-1] + 1)):
+            raise ValueError(f"task {t} classes are not a contiguous block: {classes}")
+    num_classes = tasks[-1][-1] + 1
+    model = build_model(run.backbone, num_classes=num_classes, rank=run.rank, weights=run.weights or None)
+    model.to(device)
+    return Experiment(run=run, model=model, stream=stream, tasks=tasks, shapes=layer_shapes(model), device=device)

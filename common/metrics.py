@@ -1,0 +1,50 @@
+"""Class-incremental metrics from the accuracy matrix.
+
+``acc[t][j]`` is the accuracy (in %) on task j's test classes measured after training task t, for j <= t;
+entries with j > t are undefined (NaN). Predictions are argmax over every class seen so far, so a task's
+accuracy already includes confusion with the other tasks' classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _square(acc: np.ndarray | list[list[float]]) -> np.ndarray:
+    a = np.asarray(acc, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"accuracy matrix must be square (tasks x tasks), got shape {a.shape}")
+    return a
+
+
+def average_accuracy(acc: np.ndarray | list[list[float]], after_task: int | None = None) -> float:
+    """Mean over tasks 0..t of acc[t][j]; with t = last task this is FAA, the final average accuracy."""
+    a = _square(acc)
+    t = a.shape[0] - 1 if after_task is None else after_task
+    return float(np.mean(a[t, : t + 1]))
+
+
+def average_forgetting(acc: np.ndarray | list[list[float]]) -> float:
+    """Mean over j < T-1 of (best accuracy ever had on task j before the last task) - (its final accuracy).
+
+    Zero for a single task (nothing can be forgotten yet).
+    """
+    a = _square(acc)
+    last = a.shape[0] - 1
+    if last == 0:
+        return 0.0
+    drops = [np.max(a[j:last, j]) - a[last, j] for j in range(last)]
+    return float(np.mean(drops))
+
+
+def accuracy_per_task(
+    predictions: np.ndarray, labels: np.ndarray, tasks: list[list[int]]
+) -> list[float]:
+    """Accuracy (%) on each task's classes. predictions, labels: (N,) global class ids."""
+    out = []
+    for classes in tasks:
+        mask = np.isin(labels, classes)
+        if not mask.any():
+            raise ValueError(f"no test samples for classes {classes[0]}..{classes[-1]}")
+        out.append(float(100.0 * np.mean(predictions[mask] == labels[mask])))
+    return out

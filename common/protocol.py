@@ -1,0 +1,200 @@
+"""What the server and the clients say to each other, as typed objects, and their wire form.
+
+Flower-free on purpose: ``to_wire`` gives (named tensors, config) that each side wraps in one ArrayRecord and
+one ConfigRecord; the config holds a versioned protobuf ``Manifest`` (proto/lorm_manifest.proto) describing
+every array. ``from_wire`` refuses a message whose schema version is unknown or whose arrays do not match its
+manifest, so the layout of a message is written once, for both ends.
+
+Message kinds
+- ROUND_ORDER (Flower ``train``, one per round): task, round, the factor to train, the shared adapter (A, B),
+  the current head block and the past tasks' adapters (clients need them for the Gram model
+  W0 + mean_tau(B_tau A_tau)). The ROUND_REPLY carries the trained factor, the head block, every layer's input
+  Gram (+ the head's) and the sample count.
+- GRAMS_ORDER (Flower ``query.grams``, once per task end): the task's final adapter and the past ones; the
+  GRAMS_REPLY carries the backbone layers' Grams through W0 + mean of the task deltas, for the cross-task fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from common.lorm_manifest_pb2 import (
+    DENSE_PACKED,
+    DIAGONAL,
+    GRAMS_ORDER,
+    GRAMS_REPLY,
+    ROUND_ORDER,
+    ROUND_REPLY,
+    GramSpec,
+    Kind,
+    Manifest,
+    TensorSpec,
+)
+from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
+
+SCHEMA_VERSION = 1
+TRAIN = "train"
+GRAMS = "query.grams"
+MANIFEST_KEY = "manifest"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol: unknown version, wrong kind, arrays that break the manifest."""
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _pack(kind: int, arrays: dict[str, Tensor], grams: tuple[GramSpec, ...] = (), **fields) -> dict[str, bytes]:
+    manifest = Manifest(schema_version=SCHEMA_VERSION, kind=kind, grams=grams, **fields)
+    manifest.tensors.extend(
+        TensorSpec(key=k, shape=list(t.shape), dtype=_dtype_name(t)) for k, t in sorted(arrays.items())
+    )
+    return {MANIFEST_KEY: manifest.SerializeToString()}
+
+
+def read_manifest(arrays: dict[str, Tensor], config: dict, kind: int) -> Manifest:
+    """Parse and check a message's manifest against its arrays; raise ProtocolError naming the first mismatch."""
+    raw = config.get(MANIFEST_KEY)
+    if not isinstance(raw, bytes):
+        raise ProtocolError("message has no LoRM manifest (is the peer a LoRM app of this project?)")
+    manifest = Manifest()
+    try:
+        manifest.ParseFromString(raw)
+    except Exception as err:  # protobuf raises DecodeError; anything else is as bad
+        raise ProtocolError(f"unreadable manifest: {err}") from None
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise ProtocolError(
+            f"manifest schema version {manifest.schema_version} not supported (this side speaks {SCHEMA_VERSION})"
+        )
+    if manifest.kind != kind:
+        raise ProtocolError(f"expected a {Kind.Name(kind)} message, got kind {manifest.kind}")
+    declared = {s.key: (tuple(s.shape), s.dtype) for s in manifest.tensors}
+    actual = {k: (tuple(t.shape), _dtype_name(t)) for k, t in arrays.items()}
+    if declared != actual:
+        missing = sorted(set(declared) - set(actual))
+        extra = sorted(set(actual) - set(declared))
+        differ = sorted(k for k in set(declared) & set(actual) if declared[k] != actual[k])
+        detail = [f"{k}: declared {declared[k]}, got {actual[k]}" for k in differ[:3]]
+        raise ProtocolError(
+            f"arrays do not match the manifest: missing {missing[:3]}, undeclared {extra[:3]}, {detail}"
+        )
+    return manifest
+
+
+@dataclass
+class RoundOrder:
+    """Server -> client. ``factor`` is "A" or "B" for a training round, "" for the task-end Gram query."""
+
+    task: int
+    round: int
+    factor: str
+    block: tuple[int, int]  # the task's classes: global ids lo..hi-1
+    A: dict[str, Tensor]
+    B: dict[str, Tensor]
+    past: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = field(default_factory=list)
+    head_weight: Tensor | None = None  # (hi - lo, d): the task's rows of the head
+    head_bias: Tensor | None = None  # (hi - lo,)
+
+    @property
+    def kind(self) -> int:
+        return ROUND_ORDER if self.factor else GRAMS_ORDER
+
+    def to_wire(self) -> tuple[dict[str, Tensor], dict[str, bytes]]:
+        arrays = flatten("A", self.A, torch.float32) | flatten("B", self.B, torch.float32)
+        for tau, (a, b) in enumerate(self.past):
+            arrays |= flatten(f"past{tau}.A", a, torch.float32) | flatten(f"past{tau}.B", b, torch.float32)
+        if self.head_weight is not None:
+            arrays |= flatten("head", {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
+        config = _pack(
+            self.kind, arrays, task=self.task, round=self.round, factor=self.factor, class_lo=self.block[0],
+            class_hi=self.block[1], num_past=len(self.past),
+        )
+        return arrays, config
+
+    @classmethod
+    def from_wire(cls, arrays: dict[str, Tensor], config: dict, kind: int) -> "RoundOrder":
+        m = read_manifest(arrays, config, kind)
+        if m.factor not in (("A", "B") if kind == ROUND_ORDER else ("",)):
+            raise ProtocolError(f"factor {m.factor!r} does not fit this message kind")
+        head = unflatten("head", arrays)
+        past = [(unflatten(f"past{t}.A", arrays), unflatten(f"past{t}.B", arrays)) for t in range(m.num_past)]
+        return cls(
+            task=m.task,
+            round=m.round,
+            factor=m.factor,
+            block=(m.class_lo, m.class_hi),
+            A=unflatten("A", arrays),
+            B=unflatten("B", arrays),
+            past=past,
+            head_weight=head.get("weight"),
+            head_bias=head.get("bias"),
+        )
+
+
+@dataclass
+class ClientReply:
+    """Client -> server. Grams are float64 here; on the wire diagonal ones go as they are and dense ones as
+    packed upper triangles, both in ``gram_dtype``."""
+
+    task: int
+    round: int
+    factor: str
+    num_examples: int
+    grams: dict[str, Tensor]  # layer (or "head") -> (d_in,) diagonal or (d_in, d_in) dense
+    trained: dict[str, Tensor] = field(default_factory=dict)  # layer -> trained factor
+    head_weight: Tensor | None = None
+    head_bias: Tensor | None = None
+    train_loss: float = float("nan")
+
+    @property
+    def kind(self) -> int:
+        return ROUND_REPLY if self.factor else GRAMS_REPLY
+
+    def to_wire(self, gram_dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, bytes]]:
+        packed = {n: (pack_symmetric(g) if g.ndim == 2 else g) for n, g in self.grams.items()}
+        arrays = flatten("factor", self.trained, torch.float32) | flatten("gram", packed, gram_dtype)
+        if self.head_weight is not None:
+            arrays |= flatten("head", {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
+        specs = tuple(
+            GramSpec(layer=n, form=DENSE_PACKED if g.ndim == 2 else DIAGONAL, d_in=g.shape[-1])
+            for n, g in sorted(self.grams.items())
+        )
+        config = _pack(
+            self.kind, arrays, specs, task=self.task, round=self.round, factor=self.factor,
+            num_examples=self.num_examples, train_loss=self.train_loss,
+        )
+        return arrays, config
+
+    @classmethod
+    def from_wire(cls, arrays: dict[str, Tensor], config: dict, kind: int) -> "ClientReply":
+        m = read_manifest(arrays, config, kind)
+        wire_grams = unflatten("gram", arrays)
+        specs = {s.layer: s for s in m.grams}
+        if set(specs) != set(wire_grams):
+            raise ProtocolError(f"Gram arrays {sorted(wire_grams)[:3]} do not match Gram specs {sorted(specs)[:3]}")
+        grams = {}
+        for name, g in wire_grams.items():
+            spec = specs[name]
+            if spec.form == DENSE_PACKED:
+                grams[name] = unpack_symmetric(g.to(torch.float64), int(spec.d_in))
+            elif spec.form == DIAGONAL and g.shape == (spec.d_in,):
+                grams[name] = g.to(torch.float64)
+            else:
+                raise ProtocolError(f"Gram of {name}: form {spec.form} with shape {tuple(g.shape)}, d_in {spec.d_in}")
+        head = unflatten("head", arrays)
+        return cls(
+            task=m.task,
+            round=m.round,
+            factor=m.factor,
+            num_examples=m.num_examples,
+            grams=grams,
+            trained=unflatten("factor", arrays),
+            head_weight=head.get("weight"),
+            head_bias=head.get("bias"),
+            train_loss=m.train_loss,
+        )

@@ -1,0 +1,97 @@
+"""Local work on one client's data: training a factor + head block, the Gram pass, and prediction.
+
+Functions of a model and a DataLoader, shared by the client (training, Grams) and the server (evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from common.grams import collect_grams
+from common.lora import lora_layers
+
+log = logging.getLogger(__name__)
+
+
+def make_loader(dataset: Dataset, indices: np.ndarray, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    """A loader over ``dataset[indices]``; shuffling uses its own generator so runs are reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0
+    )
+
+
+def train_block(
+    model: nn.Module,
+    loader: DataLoader,
+    block: tuple[int, int],
+    *,
+    epochs: int,
+    lr: float,
+    device: str,
+    progress: Callable[[str], None] | None = None,
+) -> float:
+    """Cross-entropy on the current task's classes only; returns the mean loss of the last epoch.
+
+    ``block = (lo, hi)``: logits lo..hi-1 are the task's classes, labels are global ids in that range.
+    Only parameters with ``requires_grad`` move (the caller chose the factor); AdamW, weight decay 0, no schedule.
+    """
+    lo, hi = block
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    loss_fn = nn.CrossEntropyLoss()
+    mean_loss = float("nan")
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            if (y < lo).any() or (y >= hi).any():
+                raise ValueError(f"label outside the task block [{lo}, {hi}) in local training data")
+            loss = loss_fn(model(x)[:, lo:hi], y - lo)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        mean_loss = total / max(count, 1)
+        if progress:
+            progress(f"epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}")
+    return mean_loss
+
+
+@torch.no_grad()
+def gram_pass(
+    model: nn.Module, loader: DataLoader, alpha: dict[str, float], *, passes: int, device: str
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Input Grams of every adapted layer and of the head, over all local data (eval mode, no grad).
+
+    ``alpha[name]`` picks the layers (adapted layer names and/or "head") and each one's form (0 -> diagonal
+    vector). Returns (float64 Grams, row counts).
+    ``passes`` > 1 repeats the pass (it only changes the result when the loader augments).
+    """
+    available: dict[str, nn.Module] = dict(lora_layers(model)) | {"head": model.head}
+    modules = {name: available[name] for name in alpha}
+    with collect_grams(modules, alpha) as stats:
+        for _ in range(passes):
+            for x, _y in loader:
+                model(x.to(device))
+    return stats.grams, stats.rows
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, num_seen: int, *, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax over the classes seen so far (0..num_seen-1). Returns (predictions, labels), both (N,)."""
+    preds, labels = [], []
+    for x, y in loader:
+        logits = model(x.to(device))[:, :num_seen]
+        preds.append(logits.argmax(dim=1).cpu())
+        labels.append(y)
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()

@@ -1,0 +1,110 @@
+"""Results a person can read: the run folder's JSON, CSV and PNG files.
+
+    <output-dir>/<run-name>/
+        config.json       the validated run config
+        rounds.csv        one line per round: task, round, factor, clients, loss, bytes, merge and wall time
+        acc_matrix.csv    acc[t][j] (%) after task t on task j's classes (empty when j > t)
+        metrics.json      FAA, average forgetting, accuracy per task after each task, the matrix, wall time
+        acc_matrix.png    heatmap of the matrix
+        faa.png           average accuracy over the tasks seen, after each task
+        state.pt          the server checkpoint (see server/state.py)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless servers have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common.metrics import average_accuracy, average_forgetting  # noqa: E402
+
+ROUND_FIELDS = [
+    "task", "round", "factor", "clients", "dropped", "train_loss", "uplink_bytes_per_client",
+    "downlink_bytes_per_client", "merge_s", "wall_s",
+]
+
+
+def square(acc: list[list[float]]) -> np.ndarray:
+    """Lower-triangular rows -> a square matrix with NaN above the diagonal."""
+    n = len(acc)
+    out = np.full((n, n), np.nan)
+    for t, row in enumerate(acc):
+        out[t, : len(row)] = row
+    return out
+
+
+def summary(acc: list[list[float]]) -> dict[str, Any]:
+    matrix = square(acc)
+    return {
+        "faa": average_accuracy(matrix),
+        "average_forgetting": average_forgetting(matrix),
+        "average_accuracy_after_task": [average_accuracy(matrix, t) for t in range(len(acc))],
+        "final_accuracy_per_task": list(matrix[-1]),
+        "acc_matrix": acc,
+    }
+
+
+class RunReport:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        (self.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    def write_rounds(self, history: list[dict[str, Any]]) -> None:
+        # Rewritten whole from the checkpointed history, so a resumed run has no duplicate or missing lines.
+        with open(self.folder / "rounds.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=ROUND_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+
+    def write_results(self, acc: list[list[float]], extra: dict[str, Any]) -> dict[str, Any]:
+        result = summary(acc) | extra
+        (self.folder / "metrics.json").write_text(json.dumps(result, indent=2))
+        matrix = square(acc)
+        with open(self.folder / "acc_matrix.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["after_task"] + [f"task_{j}" for j in range(len(acc))])
+            for t, row in enumerate(matrix):
+                writer.writerow([t] + ["" if np.isnan(v) else f"{v:.2f}" for v in row])
+        self._plot_matrix(matrix)
+        self._plot_faa(result["average_accuracy_after_task"])
+        return result
+
+    def _plot_matrix(self, matrix: np.ndarray) -> None:
+        n = matrix.shape[0]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.6 * n))
+        im = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis")
+        for t in range(n):
+            for j in range(t + 1):
+                ax.text(j, t, f"{matrix[t, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set_xlabel("evaluated on task j")
+        ax.set_ylabel("after training task t")
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_title("accuracy matrix (%)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(self.folder / "acc_matrix.png", dpi=120)
+        plt.close(fig)
+
+    def _plot_faa(self, average: list[float]) -> None:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(range(1, len(average) + 1), average, marker="o")
+        ax.set_xlabel("tasks seen")
+        ax.set_ylabel("average accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_xticks(range(1, len(average) + 1))
+        ax.grid(alpha=0.3)
+        ax.set_title(f"FAA {average[-1]:.2f}%")
+        fig.tight_layout()
+        fig.savefig(self.folder / "faa.png", dpi=120)
+        plt.close(fig)

@@ -1,0 +1,94 @@
+"""The server's whole state between rounds, and its atomic checkpoint.
+
+Everything needed to resume sits here: where the schedule is, the shared adapter, the head, the cross-task
+running sums S and H, the past tasks' adapters (clients need them for the Gram model), the accuracy matrix so far
+and the per-round history. It is written after every round with write-to-temp + rename, so a crash leaves either
+the previous or the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from common.merges import TaskSums
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is unreadable, from another version, or from a run with other settings."""
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """Hash of the settings that change results; a checkpoint only resumes the run it came from."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ServerState:
+    task: int  # the task in progress
+    round: int  # the next round of that task (== rounds_per_task: only the task end is left)
+    A: dict[str, Tensor]
+    B: dict[str, Tensor]
+    head_weight: Tensor  # (num_classes, d)
+    head_bias: Tensor  # (num_classes,)
+    sums: TaskSums
+    past: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = field(default_factory=list)
+    acc: list[list[float]] = field(default_factory=list)  # acc[t][j], j <= t
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def save(self, path: Path, fingerprint: str) -> None:
+        payload = {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": fingerprint,
+            "task": self.task,
+            "round": self.round,
+            "A": self.A,
+            "B": self.B,
+            "head_weight": self.head_weight,
+            "head_bias": self.head_bias,
+            "sums": self.sums.state_dict(),
+            "past": self.past,
+            "acc": self.acc,
+            "history": self.history,
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> "ServerState":
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for truncated/garbled files
+            raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
+        if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint {path} is not a version-{CHECKPOINT_VERSION} LoRM server state")
+        if payload["fingerprint"] != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path} belongs to a run with other settings (fingerprint {payload['fingerprint']}, "
+                f"this run {fingerprint}); use another run-name or output-dir to start fresh"
+            )
+        return cls(
+            task=payload["task"],
+            round=payload["round"],
+            A=payload["A"],
+            B=payload["B"],
+            head_weight=payload["head_weight"],
+            head_bias=payload["head_bias"],
+            sums=TaskSums.from_state_dict(payload["sums"]),
+            past=payload["past"],
+            acc=payload["acc"],
+            history=payload["history"],
+        )

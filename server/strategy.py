@@ -1,0 +1,288 @@
+"""The LoRM strategy: task schedule, B/A alternation, closed-form merges, cross-task fold and evaluation.
+
+A Flower ``Strategy`` whose ``start`` runs the class-incremental schedule instead of a flat list of rounds:
+
+    for each task t:      fresh adapter (B = 0, A from a seed every client shares), the task's head block
+        for each round:   clients train the round's factor (B, A, B, ...) + head block -> closed-form merge
+        task end:         clients send Grams through W0 + mean of task deltas -> S += (BA)G, H += G
+                          evaluate W0 + S pinv(H) on every task seen -> one row of the accuracy matrix
+
+Only replies that pass validation enter a merge; the closed forms need nothing else, so a client that fails or
+times out is simply left out of that round (and logged) while at least ``min-clients`` replied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.experiment import HEAD, Experiment, stable_seed
+from common.lora import init_adapter
+from common.merges import TaskSums, merge_head, merge_round_layers
+from common.lorm_manifest_pb2 import GRAMS_REPLY, ROUND_REPLY
+from common.protocol import GRAMS, TRAIN, ClientReply, ProtocolError, RoundOrder
+from common.validation import InvalidUpdate, validate_update
+from server.evaluation import evaluate_seen
+from server.report import RunReport
+from server.state import ServerState
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid replies for a merge: the run stops (its checkpoint allows a restart)."""
+
+
+class LoRMStrategy(Strategy):
+    def __init__(self, exp: Experiment, report: RunReport, fingerprint: str, merge_device: str) -> None:
+        self.exp = exp
+        self.run = exp.run
+        self.report = report
+        self.fingerprint = fingerprint
+        self.merge_device = merge_device
+        self.checkpoint = report.folder / "state.pt"
+        self.state = self._initial_state()
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def _fresh_adapter(self, task: int) -> tuple[dict, dict]:
+        return init_adapter(self.exp.shapes, self.run.rank, seed=stable_seed(self.run.seed, task))
+
+    def _initial_state(self) -> ServerState:
+        if self.checkpoint.exists():
+            state = ServerState.load(self.checkpoint, self.fingerprint)
+            log(INFO, "resuming from %s at task %d round %d", self.checkpoint, state.task, state.round)
+            return state
+        A, B = self._fresh_adapter(0)
+        head = self.exp.model.head
+        return ServerState(
+            task=0,
+            round=0,
+            A=A,
+            B=B,
+            head_weight=torch.zeros_like(head.weight, device="cpu"),
+            head_bias=torch.zeros_like(head.bias, device="cpu"),
+            sums=TaskSums(),
+        )
+
+    def _save(self) -> None:
+        self.state.save(self.checkpoint, self.fingerprint)
+        self.report.write_rounds(self.state.history)
+
+    # -- Flower Strategy interface -------------------------------------------------------------------------------
+    def summary(self) -> None:
+        r = self.run
+        log(
+            INFO,
+            "LoRM: %d tasks x %d rounds (%s), rank %d, alpha backbone %.2f / head %.2f, %d adapted layers",
+            len(self.exp.tasks), r.rounds_per_task, "".join(r.factor_schedule), r.rank, r.alpha_backbone,
+            r.alpha_head, len(self.exp.shapes),
+        )
+
+    def _order(self, factor: str) -> RoundOrder:
+        s = self.state
+        lo, hi = self.exp.block(s.task)
+        with_head = factor != ""
+        return RoundOrder(
+            task=s.task,
+            round=s.round,
+            factor=factor,
+            block=(lo, hi),
+            A=s.A,
+            B=s.B,
+            past=s.past,
+            head_weight=s.head_weight[lo:hi] if with_head else None,
+            head_bias=s.head_bias[lo:hi] if with_head else None,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._messages(grid, TRAIN, arrays, config)
+
+    def _messages(self, grid: Grid, kind: str, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        nodes = self._wait_for_nodes(grid)
+        return [
+            Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=kind)
+            for node in nodes
+        ]
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.run.round_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.run.min_clients:
+                return nodes
+            if time.monotonic() > deadline:
+                raise RoundFailed(f"only {len(nodes)} SuperNodes connected, min-clients is {self.run.min_clients}")
+            time.sleep(1.0)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, dropped = self._valid(replies, expect_factor=self.run.factor_schedule[self.state.round])
+        started = time.perf_counter()
+        self._merge_round(valid)
+        merge_s = time.perf_counter() - started
+        n = sum(r.num_examples for r in valid)
+        loss = sum(r.train_loss * r.num_examples for r in valid) / max(n, 1)
+        return None, MetricRecord(
+            {"train-loss": loss, "num-examples": n, "merge-s": merge_s, "clients": len(valid), "dropped": dropped}
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # evaluation is central, on the server (see _task_end)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    # -- validation and merges -----------------------------------------------------------------------------------
+    def _expected(self, factor: str) -> tuple[dict[str, tuple], dict[str, tuple]]:
+        """Shapes a valid reply must have: trained factor (+ head block) and Grams per layer."""
+        r = self.run.rank
+        factors: dict[str, tuple] = {}
+        if factor:
+            factors = {
+                name: ((d_out, r) if factor == "B" else (r, d_in)) for name, (d_out, d_in) in self.exp.shapes.items()
+            }
+            lo, hi = self.exp.block(self.state.task)
+            d = self.exp.model.head.in_features
+            factors |= {"head.weight": (hi - lo, d), "head.bias": (hi - lo,)}
+        layers = {name: d for name, d in self.exp.gram_d_in.items() if factor or name != HEAD}
+        grams = {name: ((d, d) if self.exp.gram_dense[name] else (d,)) for name, d in layers.items()}
+        return factors, grams
+
+    def _valid(self, replies: Iterable[Message], expect_factor: str) -> tuple[list[ClientReply], int]:
+        """The replies fit to merge, and how many were dropped (each with a log line saying why)."""
+        expected_factors, expected_grams = self._expected(expect_factor)
+        valid, dropped = [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                dropped.append((node, f"client error: {msg.error.reason}"))
+                continue
+            try:
+                reply = ClientReply.from_wire(
+                    msg.content["arrays"].to_torch_state_dict(),
+                    dict(msg.content["config"]),
+                    ROUND_REPLY if expect_factor else GRAMS_REPLY,
+                )
+                if (reply.task, reply.round, reply.factor) != (self.state.task, self.state.round, expect_factor):
+                    raise ProtocolError(
+                        f"reply for task {reply.task} round {reply.round} factor {reply.factor!r} is stale"
+                    )
+                tensors = dict(reply.trained)
+                if expect_factor:
+                    tensors |= {"head.weight": reply.head_weight, "head.bias": reply.head_bias}
+                validate_update(
+                    str(node), tensors, reply.grams, reply.num_examples, expected_factors, expected_grams
+                )
+            except (InvalidUpdate, ProtocolError, KeyError, ValueError, TypeError) as err:
+                dropped.append((node, f"{type(err).__name__}: {err}"))
+                continue
+            valid.append(reply)
+        for node, reason in dropped:
+            log(WARNING, "dropping node %s from task %d round %d: %s", node, self.state.task, self.state.round, reason)
+        if len(valid) < self.run.min_clients:
+            raise RoundFailed(
+                f"task {self.state.task} round {self.state.round}: {len(valid)} valid replies, "
+                f"min-clients is {self.run.min_clients}"
+            )
+        return valid, len(dropped)
+
+    def _merge_round(self, replies: list[ClientReply]) -> None:
+        s, dev, ridge = self.state, self.merge_device, self.run.ridge
+        factor = self.run.factor_schedule[s.round]
+        backbone_grams = [{k: g for k, g in r.grams.items() if k != HEAD} for r in replies]
+        merged = merge_round_layers(
+            factor, s.A if factor == "B" else s.B, [r.trained for r in replies], backbone_grams, ridge, dev
+        )
+        merged = {name: t.to(torch.float32).cpu() for name, t in merged.items()}
+        if factor == "B":
+            s.B = merged
+        else:
+            s.A = merged
+        W, b = merge_head(
+            torch.stack([r.head_weight for r in replies]).to(dev),
+            torch.stack([r.head_bias for r in replies]).to(dev),
+            torch.stack([r.grams[HEAD] for r in replies]).to(dev),
+            torch.tensor([r.num_examples for r in replies], device=dev),
+            ridge,
+        )
+        lo, hi = self.exp.block(s.task)
+        s.head_weight[lo:hi] = W.to(torch.float32).cpu()
+        s.head_bias[lo:hi] = b.to(torch.float32).cpu()
+
+    def _fold_task(self, replies: list[ClientReply]) -> None:
+        """S += (B A) G_total, H += G_total: the fold is linear in G, so the clients' Grams are summed first."""
+        total = {name: sum(r.grams[name] for r in replies) for name in self.exp.shapes}
+        self.state.sums.fold(self.state.A, self.state.B, total)
+
+    # -- the schedule --------------------------------------------------------------------------------------------
+    def _exchange(self, grid: Grid, kind: str, factor: str, timeout: float) -> tuple[list[Message], int]:
+        arrays, config = self._order(factor).to_wire()
+        record = ArrayRecord(torch_state_dict=arrays)
+        messages = self._messages(grid, kind, record, ConfigRecord(config))
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        return replies, record.count_bytes()
+
+    def start(self, grid: Grid, *args, **kwargs) -> ServerState:  # type: ignore[override]
+        """Run (or resume) the whole schedule; returns the final state."""
+        self.summary()
+        s, tasks, rounds = self.state, self.exp.tasks, self.run.rounds_per_task
+        while s.task < len(tasks):
+            while s.round < rounds:
+                started = time.perf_counter()
+                factor = self.run.factor_schedule[s.round]
+                replies, down = self._exchange(grid, TRAIN, factor, self.run.round_timeout)
+                up = _mean_upload(replies)
+                _, metrics = self.aggregate_train(len(s.history) + 1, replies)
+                record = {
+                    "task": s.task, "round": s.round, "factor": factor, "clients": metrics["clients"],
+                    "dropped": metrics["dropped"], "train_loss": metrics["train-loss"], "uplink_bytes_per_client": up,
+                    "downlink_bytes_per_client": down, "merge_s": metrics["merge-s"],
+                    "wall_s": time.perf_counter() - started,
+                }
+                s.history.append(record)
+                s.round += 1
+                self._save()
+                log(
+                    INFO,
+                    "[task %d/%d round %d/%d %s] %d clients, loss %.4f, merge %.3f s, up %.1f kB/client, %.1f s",
+                    s.task + 1, len(tasks), s.round, rounds, factor, record["clients"], record["train_loss"],
+                    record["merge_s"], up / 1e3, record["wall_s"],
+                )
+            self._task_end(grid)
+        return s
+
+    def _task_end(self, grid: Grid) -> None:
+        s = self.state
+        replies, _ = self._exchange(grid, GRAMS, "", self.run.round_timeout)
+        self._fold_task(self._valid(replies, expect_factor="")[0])
+        s.past.append((s.A, s.B))
+        deltas = s.sums.delta(self.run.ridge)
+        row = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
+        s.acc.append(row)
+        result = self.report.write_results(s.acc, {"tasks_done": s.task + 1})
+        log(
+            INFO,
+            "[task %d/%d done] accuracy per task %s -> average %.2f%%",
+            s.task + 1, len(self.exp.tasks), " ".join(f"{a:.1f}" for a in row), result["faa"],
+        )
+        s.task += 1
+        s.round = 0
+        if s.task < len(self.exp.tasks):
+            s.A, s.B = self._fresh_adapter(s.task)
+        self._save()
+
+
+def _mean_upload(replies: list[Message]) -> float:
+    sizes = [m.content["arrays"].count_bytes() for m in replies if not m.has_error()]
+    return sum(sizes) / max(len(sizes), 1)
+

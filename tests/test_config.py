@@ -1,0 +1,47 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, NodeConfig, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_run_config_is_valid_and_complete():
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    run = RunConfig.parse(table, source="pyproject")
+    # every field is set in pyproject, so `flwr run --run-config` can override any of them
+    assert set(table) == {f.alias for f in RunConfig.model_fields.values()}
+    assert run.factor_schedule[:3] == ["B", "A", "B"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"rank": 0}, "rank"),
+        ({"alpha-head": 1.5}, "alpha-head"),
+        ({"beta": 0}, "beta"),
+        ({"dataset": "imagenet-x"}, "dataset"),
+        ({"backbone": "resnet9000"}, "backbone"),
+        ({"no-such-key": 1}, "no-such-key"),
+        ({"strategy": "fedsomething"}, "strategy"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.parse(override, source="run config")
+    assert key.split("-")[0] in str(err.value) and "run config" in str(err.value)
+
+
+def test_node_config_checks_partition_range_and_ignores_unknown_keys():
+    node = NodeConfig.parse({"partition-id": 1, "num-partitions": 3, "other": "x"}, source="node config")
+    assert node.partition_id == 1
+    with pytest.raises(ConfigError, match="partition-id 3 must be < num-partitions 3"):
+        NodeConfig.parse({"partition-id": 3, "num-partitions": 3}, source="node config")
+    with pytest.raises(ConfigError, match="partition"):
+        NodeConfig.parse({}, source="node config")
+
+
+def test_factor_schedule_alternates_starting_with_b():
+    assert RunConfig(rounds_per_task=5).factor_schedule == ["B", "A", "B", "A", "B"]

@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+
+from common.metrics import accuracy_per_task, average_accuracy, average_forgetting
+
+
+def test_faa_and_forgetting_by_hand():
+    nan = np.nan
+    acc = [[90.0, nan, nan], [70.0, 80.0, nan], [60.0, 75.0, 50.0]]
+    assert average_accuracy(acc) == pytest.approx((60 + 75 + 50) / 3)
+    assert average_accuracy(acc, after_task=1) == pytest.approx(75.0)
+    # task 0: best 90 -> 60 (30); task 1: best 80 -> 75 (5)
+    assert average_forgetting(acc) == pytest.approx(17.5)
+
+
+def test_single_task_has_no_forgetting():
+    assert average_forgetting([[42.0]]) == 0.0
+
+
+def test_non_square_matrix_is_rejected():
+    with pytest.raises(ValueError, match="square"):
+        average_accuracy([[1.0, 2.0]])
+
+
+def test_accuracy_per_task_counts_each_block():
+    labels = np.array([0, 0, 1, 2, 3, 3])
+    preds = np.array([0, 1, 1, 2, 0, 3])
+    assert accuracy_per_task(preds, labels, [[0, 1], [2, 3]]) == pytest.approx([200 / 3, 200 / 3])
+    with pytest.raises(ValueError, match="no test samples"):
+        accuracy_per_task(preds, labels, [[7]])

@@ -1,0 +1,105 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.lorm_manifest_pb2 import GRAMS_ORDER, ROUND_ORDER, ROUND_REPLY, Manifest
+from common.protocol import MANIFEST_KEY, SCHEMA_VERSION, ClientReply, ProtocolError, RoundOrder
+from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sym(d: int, n: int = 50) -> torch.Tensor:
+    x = torch.randn(n, d, dtype=torch.float64)
+    g = x.T @ x
+    return (g + g.T) / 2  # exactly symmetric, so round trips can be exact
+
+
+def test_symmetric_pack_round_trip_and_size():
+    g = _sym(7)
+    packed = pack_symmetric(g)
+    assert packed.numel() == 7 * 8 // 2
+    assert torch.equal(unpack_symmetric(packed, 7), g)
+    with pytest.raises(ValueError, match="d=8"):
+        unpack_symmetric(packed, 8)
+
+
+def test_flatten_keeps_names_apart():
+    flat = flatten("A", {"x.y": torch.ones(2)}) | flatten("AB", {"x.y": torch.zeros(2)})
+    assert torch.equal(unflatten("A", flat)["x.y"], torch.ones(2))
+    assert list(unflatten("AB", flat)) == ["x.y"]
+
+
+def _order(**kw) -> RoundOrder:
+    base = dict(task=1, round=2, factor="B", block=(5, 9), A={"l1": torch.randn(2, 6)}, B={"l1": torch.randn(3, 2)},
+                past=[({"l1": torch.randn(2, 6)}, {"l1": torch.randn(3, 2)})], head_weight=torch.ones(4, 8),
+                head_bias=torch.zeros(4))
+    return RoundOrder(**(base | kw))
+
+
+def test_round_order_round_trip():
+    order = _order()
+    arrays, config = order.to_wire()
+    back = RoundOrder.from_wire(arrays, config, ROUND_ORDER)
+    assert (back.task, back.round, back.factor, back.block) == (1, 2, "B", (5, 9))
+    assert torch.equal(back.A["l1"], order.A["l1"]) and torch.equal(back.past[0][1]["l1"], order.past[0][1]["l1"])
+    assert torch.equal(back.head_weight, torch.ones(4, 8))
+    grams_arrays, grams_config = _order(factor="", head_weight=None, head_bias=None).to_wire()
+    assert RoundOrder.from_wire(grams_arrays, grams_config, GRAMS_ORDER).factor == ""
+
+
+def _with_manifest(config: dict, **changes) -> dict:
+    m = Manifest.FromString(config[MANIFEST_KEY])
+    for k, v in changes.items():
+        setattr(m, k, v)
+    return {MANIFEST_KEY: m.SerializeToString()}
+
+
+def test_manifest_refuses_version_kind_factor_and_array_mismatch():
+    arrays, config = _order().to_wire()
+    with pytest.raises(ProtocolError, match="schema version"):
+        RoundOrder.from_wire(arrays, _with_manifest(config, schema_version=SCHEMA_VERSION + 1), ROUND_ORDER)
+    with pytest.raises(ProtocolError, match="expected a GRAMS_ORDER"):
+        RoundOrder.from_wire(arrays, config, GRAMS_ORDER)
+    with pytest.raises(ProtocolError, match="factor"):
+        RoundOrder.from_wire(arrays, _with_manifest(config, factor="C"), ROUND_ORDER)
+    with pytest.raises(ProtocolError, match="declared"):
+        RoundOrder.from_wire(arrays | {"A/l1": torch.randn(3, 6)}, config, ROUND_ORDER)
+    with pytest.raises(ProtocolError, match="undeclared"):
+        RoundOrder.from_wire(arrays | {"A/l2": torch.randn(2, 6)}, config, ROUND_ORDER)
+    with pytest.raises(ProtocolError, match="no LoRM manifest"):
+        RoundOrder.from_wire(arrays, {}, ROUND_ORDER)
+    with pytest.raises(ProtocolError, match="unreadable"):
+        RoundOrder.from_wire(arrays, {MANIFEST_KEY: b"\xff\xff\xff"}, ROUND_ORDER)
+
+
+def test_client_reply_round_trip_with_packed_head_gram():
+    head_gram = _sym(4)
+    diag = (torch.randn(40, 4, dtype=torch.float64) ** 2).sum(0)
+    reply = ClientReply(task=0, round=1, factor="A", num_examples=40, grams={"l1": diag, "head": head_gram},
+                        trained={"l1": torch.randn(2, 4)}, head_weight=torch.randn(3, 4), head_bias=torch.randn(3),
+                        train_loss=0.5)
+    arrays, config = reply.to_wire(torch.float64)
+    assert arrays["gram/head"].shape == (10,)  # packed triangle, not 16 numbers
+    back = ClientReply.from_wire(arrays, config, ROUND_REPLY)
+    assert torch.equal(back.grams["head"], head_gram) and torch.equal(back.grams["l1"], diag)
+    assert back.num_examples == 40 and back.train_loss == 0.5
+    # float32 transport halves the bytes and stays within float32 precision
+    arrays32, config32 = reply.to_wire(torch.float32)
+    back32 = ClientReply.from_wire(arrays32, config32, ROUND_REPLY)
+    assert back32.grams["head"].dtype == torch.float64
+    torch.testing.assert_close(back32.grams["head"], head_gram, rtol=1e-6, atol=1e-5)
+
+
+def test_generated_manifest_module_matches_the_schema(tmp_path):
+    """common/lorm_manifest_pb2.py is compiler output: regenerating it from proto/ must give the same file."""
+    pytest.importorskip("grpc_tools")
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"--python_out={tmp_path}",
+         str(ROOT / "proto" / "lorm_manifest.proto")],
+        check=True,
+    )
+    assert (tmp_path / "lorm_manifest_pb2.py").read_text() == (ROOT / "common" / "lorm_manifest_pb2.py").read_text()
