@@ -11,48 +11,15 @@ exits non-zero unless the run finished as completed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the process group (a SuperLink has children: ServerApp, Ray), then SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+# Re-exported: tests and older callers import these from here.
+from deploy.processes import BIN, ROOT, flwr_run, free_port, run_status, stop, wait_for_port  # noqa: F401
 
 
 @contextmanager
@@ -77,32 +44,6 @@ def simulation_superlink(workdir: Path):
             yield env
         finally:
             stop(proc)
-
-
-def flwr_run(env: dict, connection: str, app: Path, run_config: str, extra: list[str], stream_to=None) -> str:
-    """`flwr run` with logs streamed; returns the run id (raises when the run never started)."""
-    cmd = [str(BIN / "flwr"), "run", str(app), connection, "--stream", *extra]
-    if run_config:
-        cmd += ["--run-config", run_config]
-    run_id = None
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            (stream_to or sys.stdout).write(line)
-            if "Successfully started run" in line:
-                run_id = line.split()[-1]
-    if run_id is None:
-        raise RuntimeError(f"`flwr run` did not start a run (exit code {proc.returncode})")
-    return run_id
-
-
-def run_status(env: dict, connection: str, run_id: str) -> str:
-    """The SuperLink's final word on a run, e.g. 'finished:completed' or 'finished:failed'."""
-    out = subprocess.run(
-        [str(BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
-        env=env, capture_output=True, text=True, check=True,
-    )
-    run = json.loads(out.stdout)["runs"][0]
-    return f"{run['status']}" + (f" ({run['status-details']})" if run.get("status-details", "N/A") != "N/A" else "")
 
 
 def main(argv: list[str] | None = None) -> int:

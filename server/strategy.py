@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.experiment import HEAD, Experiment, stable_seed
 from common.lora import init_adapter
-from common.merges import TaskSums, merge_head, merge_round_layers
+from common.merges import TaskSums, merge_head, merge_round
 from common.lorm_manifest_pb2 import GRAMS_REPLY, ROUND_REPLY
 from common.protocol import GRAMS, TRAIN, ClientReply, ProtocolError, RoundOrder
 from common.validation import InvalidUpdate, validate_update
@@ -200,9 +200,8 @@ class LoRMStrategy(Strategy):
         s, dev, ridge = self.state, self.merge_device, self.run.ridge
         factor = self.run.factor_schedule[s.round]
         backbone_grams = [{k: g for k, g in r.grams.items() if k != HEAD} for r in replies]
-        merged = merge_round_layers(
-            factor, s.A if factor == "B" else s.B, [r.trained for r in replies], backbone_grams, ridge, dev
-        )
+        shared = s.A if factor == "B" else s.B
+        merged = merge_round(factor, shared, [r.trained for r in replies], backbone_grams, ridge, dev)
         merged = {name: t.to(torch.float32).cpu() for name, t in merged.items()}
         if factor == "B":
             s.B = merged

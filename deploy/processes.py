@@ -1,0 +1,138 @@
+"""Process plumbing shared by the simulation and deployment runners: ports, spawning, stopping, `flwr` calls.
+
+Every process is started in a session of its own with its logs in a file, and stopped by PID. Flower's
+SuperLink and SuperNode start their SuperExec in yet another session (it only follows its parent's death
+through a polling monitor), so stopping a process group is not enough: `Processes.stop_all` also ends every
+descendant it saw and, last, every process whose FLWR_HOME lies under the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _end(procs: list[psutil.Process], timeout: float) -> None:
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process group, then its detached descendants; SIGKILL whatever lingers."""
+    children = _descendants(proc.pid)  # before the parent dies and they are re-parented out of reach
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _end([c for c in children if c.is_running()], timeout=5)
+
+
+def processes_under(home: Path) -> list[psutil.Process]:
+    """Live processes whose FLWR_HOME is `home` or below it: everything a deployment started, however detached."""
+    home = str(home.resolve())
+    found = []
+    for p in psutil.process_iter():
+        try:
+            flwr_home = p.environ().get("FLWR_HOME", "")
+            if (flwr_home == home or flwr_home.startswith(home + os.sep)) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+class Processes:
+    """The processes one runner started, each logging to a file, stopped in reverse order."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], env: dict, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        with open(self.workdir / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(
+                [*prefix, *cmd], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        _end(processes_under(self.workdir), timeout=5)
+
+
+def flwr_run(env: dict, connection: str, app: Path, run_config: str, extra: list[str], stream_to=None) -> str:
+    """`flwr run` with logs streamed; returns the run id (raises when the run never started)."""
+    cmd = [str(BIN / "flwr"), "run", str(app), connection, "--stream", *extra]
+    if run_config:
+        cmd += ["--run-config", run_config]
+    run_id = None
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            (stream_to or sys.stdout).write(line)
+            if "Successfully started run" in line:
+                run_id = line.split()[-1]
+    if run_id is None:
+        raise RuntimeError(f"`flwr run` did not start a run (exit code {proc.returncode})")
+    return run_id
+
+
+def run_status(env: dict, connection: str, run_id: str) -> str:
+    """The SuperLink's final word on a run, e.g. 'finished:completed' or 'finished:failed'."""
+    out = subprocess.run(
+        [str(BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    run = json.loads(out.stdout)["runs"][0]
+    return f"{run['status']}" + (f" ({run['status-details']})" if run.get("status-details", "N/A") != "N/A" else "")
