@@ -22,7 +22,7 @@ from collections.abc import Callable
 import psutil
 import torch
 
-from common.merges import TaskSums, merge_round
+from common.merges import TaskSums, merge_round, project_gram
 
 # ViT-B/16 block: (d_out, d_in) of qkv, attention proj, fc1, fc2
 BLOCK = {"qkv": (2304, 768), "proj": (768, 768), "fc1": (3072, 768), "fc2": (768, 3072)}
@@ -92,11 +92,15 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 
 def uplink(shapes, factor: str, r: int, alpha: float) -> tuple[int, int, int]:
-    """(ours, reference, adapter) bytes per client for one round's backbone layers, float32 on the wire."""
+    """(ours, reference, adapter) bytes per client for one round's backbone layers, float32 on the wire.
+
+    "B*" is a B-round with projected statistics (r (r + 1) / 2 numbers per layer), as this project sends.
+    """
     ours = ref = adapter = 0
     for d_out, d_in in shapes.values():
         trained = r * d_in if factor == "A" else d_out * r
-        ours += 4 * (trained + (d_in if alpha == 0 else d_in * (d_in + 1) // 2))
+        stat = r * (r + 1) // 2 if factor == "B*" else d_in if alpha == 0 else d_in * (d_in + 1) // 2
+        ours += 4 * (trained + stat)
         ref += 4 * (trained + d_in * d_in)
         adapter += 4 * r * (d_in + d_out)
     return ours, ref, adapter
@@ -108,7 +112,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 16, 32])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5])
-    parser.add_argument("--merges", nargs="+", default=["B", "A", "task"], choices=["B", "A", "task"])
+    parser.add_argument("--merges", nargs="+", default=["B", "B*", "A", "task"], choices=["B", "B*", "A", "task"],
+                        help="B*: a B-round from the projections A G A^T that this project's clients send")
     args = parser.parse_args()
     shapes = layers(args.blocks)
     gen = torch.Generator().manual_seed(0)
@@ -129,11 +134,16 @@ def main() -> None:
                     loop = lambda: naive_task(S, H)  # noqa: E731
                     up = (0, 0, 0)
                 else:
-                    shape = (lambda d_out, d_in: (r, d_in)) if merge == "A" else (lambda d_out, d_in: (d_out, r))
+                    factor = merge[0]
+                    shape = (lambda d_out, d_in: (r, d_in)) if factor == "A" else (lambda d_out, d_in: (d_out, r))
                     trained = [{n: torch.randn(shape(*s), generator=gen) for n, s in shapes.items()}
                                for _ in range(args.clients)]
-                    ours = lambda: merge_round(merge, A, trained, grams)  # noqa: E731
-                    loop = lambda: naive_round(merge, A, trained, grams)  # noqa: E731
+                    if merge == "B*":  # client-side work, not timed: each client projects its own Grams
+                        sent = [{n: project_gram(A[n].double(), g[n].double()) for n in shapes} for g in grams]
+                        ours = lambda: merge_round("B", A, trained, sent, projected=True)  # noqa: E731
+                    else:
+                        ours = lambda: merge_round(factor, A, trained, grams)  # noqa: E731
+                    loop = lambda: naive_round(factor, A, trained, grams)  # noqa: E731
                     up = uplink(shapes, merge, r, alpha)
                 fast, t_fast, m_fast = measure(ours)
                 slow, t_slow, m_slow = measure(loop)

@@ -13,6 +13,7 @@ from common.config import NodeConfig, RunConfig, resolve_device
 from common.data import client_task_indices
 from common.experiment import HEAD, Experiment, build_experiment, stable_seed
 from common.lora import get_factors, set_deltas, set_factors, set_trainable
+from common.merges import project_gram
 from common.protocol import ClientReply, RoundOrder
 from common.training import gram_pass, make_loader, train_block
 
@@ -109,6 +110,11 @@ class LocalWork:
         )
         loss = train_block(model, loader, (lo, hi), epochs=self.run.local_epochs, lr=self.run.lr, device=device)
         grams, n = self._grams(order, indices, with_head=True)
+        projected = frozenset()
+        if order.factor == "B":
+            # A B-round merge needs only A G A^T (A is shared): r x r numbers per layer instead of G.
+            projected = frozenset(self.exp.shapes)
+            grams |= {name: project_gram(order.A[name].to(grams[name]), grams[name]) for name in projected}
         return ClientReply(
             task=order.task,
             round=order.round,
@@ -119,6 +125,7 @@ class LocalWork:
             head_weight=model.head.weight[lo:hi].detach().cpu(),
             head_bias=model.head.bias[lo:hi].detach().cpu(),
             train_loss=loss,
+            projected=projected,
         )
 
     def task_end_grams(self, order: RoundOrder) -> ClientReply:

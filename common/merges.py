@@ -114,18 +114,21 @@ def solve_layers(num: Mapping[str, Tensor], den: Mapping[str, Tensor], ridge: fl
 
 
 def round_terms(
-    factor: Factor, trained: Tensor, shared: Tensor, gram: Tensor
+    factor: Factor, trained: Tensor, shared: Tensor, gram: Tensor, projected: bool = False
 ) -> tuple[Tensor, Tensor]:
     """One client's (num, den) terms of a round merge for one layer, float64 on the inputs' device.
 
     A-round (B shared, drops out):  num = A_i G_i (r, d_in),          den = G_i (d_in,) or (d_in, d_in)
     B-round (A shared):             num = B_i (A G_i A^T) (d_out, r), den = A G_i A^T (r, r)
-    trained: A_i (r, d_in) or B_i (d_out, r); shared: the frozen factor (A: (r, d_in) in a B-round).
+    trained: A_i (r, d_in) or B_i (d_out, r); shared: the frozen factor (A: (r, d_in) in a B-round);
+    gram: G_i, or with ``projected`` (B-rounds only) the client's own A G_i A^T: (r, r).
     """
     trained, gram = _f64(trained), _f64(gram, trained.device)
     if factor == "A":
+        if projected:
+            raise MergeError("an A-round merge needs the Grams themselves, not their projection")
         return times_gram(trained, gram), gram
-    P = project_gram(_f64(shared, trained.device), gram)
+    P = gram if projected else project_gram(_f64(shared, trained.device), gram)
     return trained @ P, P
 
 
@@ -144,14 +147,14 @@ class RoundSums:
     den: dict[str, Tensor] = field(default_factory=dict)
     clients: int = 0
 
-    def add(self, trained: Mapping[str, Tensor], grams: Mapping[str, Tensor]) -> None:
-        """Fold in one client: trained factor and Gram per layer (same layer names as ``shared``)."""
+    def add(self, trained: Mapping[str, Tensor], grams: Mapping[str, Tensor], projected: bool = False) -> None:
+        """Fold in one client: trained factor and Gram (or, with ``projected``, A G A^T) per layer."""
         if set(trained) != set(self.shared) or not set(trained) <= set(grams):
             raise MergeError(
                 f"client layers differ from the adapter's: {sorted(set(trained) ^ set(self.shared))[:3]}"
             )
         for name, t in trained.items():
-            n, d = round_terms(self.factor, _f64(t, self.device), self.shared[name], grams[name])
+            n, d = round_terms(self.factor, _f64(t, self.device), self.shared[name], grams[name], projected)
             self.num[name] = self.num[name] + n if name in self.num else n
             self.den[name] = self.den[name] + d if name in self.den else d
         self.clients += 1
@@ -175,11 +178,12 @@ def merge_round(
     grams: Iterable[Mapping[str, Tensor]],
     ridge: float = 0.0,
     device: torch.device | str | None = None,
+    projected: bool = False,
 ) -> dict[str, Tensor]:
     """The round's merged factor per layer from every client's trained factor and Grams (see ``RoundSums``)."""
     sums = RoundSums(factor, shared, device)
     for t, g in zip(trained, grams, strict=True):
-        sums.add(t, g)
+        sums.add(t, g, projected)
     return sums.solve(ridge)
 
 

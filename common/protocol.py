@@ -26,6 +26,7 @@ from common.lorm_manifest_pb2 import (
     DIAGONAL,
     GRAMS_ORDER,
     GRAMS_REPLY,
+    PROJECTED_PACKED,
     ROUND_ORDER,
     ROUND_REPLY,
     GramSpec,
@@ -55,6 +56,14 @@ def _pack(kind: int, arrays: dict[str, Tensor], grams: tuple[GramSpec, ...] = ()
         TensorSpec(key=k, shape=list(t.shape), dtype=_dtype_name(t)) for k, t in sorted(arrays.items())
     )
     return {MANIFEST_KEY: manifest.SerializeToString()}
+
+
+def _wire_scale(g: Tensor, dtype: torch.dtype) -> float:
+    """max|g| for 16-bit transports (a raw Gram overflows float16's range), else 1."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return 1.0
+    top = g.abs().max().item() if g.numel() else 0.0
+    return top if top > 0 else 1.0
 
 
 def read_manifest(arrays: dict[str, Tensor], config: dict, kind: int) -> Manifest:
@@ -145,23 +154,33 @@ class ClientReply:
     round: int
     factor: str
     num_examples: int
-    grams: dict[str, Tensor]  # layer (or "head") -> (d_in,) diagonal or (d_in, d_in) dense
+    grams: dict[str, Tensor]  # layer (or "head") -> (d_in,) diagonal or (d_in, d_in) dense, or (r, r) projected
     trained: dict[str, Tensor] = field(default_factory=dict)  # layer -> trained factor
     head_weight: Tensor | None = None
     head_bias: Tensor | None = None
     train_loss: float = float("nan")
+    projected: frozenset[str] = frozenset()  # layers whose Gram is sent as A G A^T (B-rounds)
+    gram_wire_dtype: torch.dtype = torch.float64  # how the Grams travelled (bounds their rounding error)
 
     @property
     def kind(self) -> int:
         return ROUND_REPLY if self.factor else GRAMS_REPLY
 
+    def _form(self, name: str, g: Tensor) -> int:
+        if name in self.projected:
+            return PROJECTED_PACKED
+        return DENSE_PACKED if g.ndim == 2 else DIAGONAL
+
     def to_wire(self, gram_dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, bytes]]:
         packed = {n: (pack_symmetric(g) if g.ndim == 2 else g) for n, g in self.grams.items()}
-        arrays = flatten("factor", self.trained, torch.float32) | flatten("gram", packed, gram_dtype)
+        scales = {n: _wire_scale(g, gram_dtype) for n, g in packed.items()}
+        arrays = flatten("factor", self.trained, torch.float32) | flatten(
+            "gram", {n: g / scales[n] for n, g in packed.items()}, gram_dtype
+        )
         if self.head_weight is not None:
             arrays |= flatten("head", {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
         specs = tuple(
-            GramSpec(layer=n, form=DENSE_PACKED if g.ndim == 2 else DIAGONAL, d_in=g.shape[-1])
+            GramSpec(layer=n, form=self._form(n, g), d_in=g.shape[-1], scale=scales[n])
             for n, g in sorted(self.grams.items())
         )
         config = _pack(
@@ -180,10 +199,14 @@ class ClientReply:
         grams = {}
         for name, g in wire_grams.items():
             spec = specs[name]
-            if spec.form == DENSE_PACKED:
-                grams[name] = unpack_symmetric(g.to(torch.float64), int(spec.d_in))
+            if not g.is_floating_point():
+                raise ProtocolError(f"Gram of {name} has dtype {g.dtype}; statistics travel as floating point")
+            wire_dtype = g.dtype
+            g = g.to(torch.float64) * (spec.scale or 1.0)
+            if spec.form in (DENSE_PACKED, PROJECTED_PACKED):
+                grams[name] = unpack_symmetric(g, int(spec.d_in))
             elif spec.form == DIAGONAL and g.shape == (spec.d_in,):
-                grams[name] = g.to(torch.float64)
+                grams[name] = g
             else:
                 raise ProtocolError(f"Gram of {name}: form {spec.form} with shape {tuple(g.shape)}, d_in {spec.d_in}")
         head = unflatten("head", arrays)
@@ -197,4 +220,6 @@ class ClientReply:
             head_weight=head.get("weight"),
             head_bias=head.get("bias"),
             train_loss=m.train_loss,
+            projected=frozenset(s.layer for s in m.grams if s.form == PROJECTED_PACKED),
+            gram_wire_dtype=wire_dtype if wire_grams else torch.float64,
         )

@@ -36,8 +36,12 @@ def _check_tensor(client: str, name: str, t: object, shape: tuple[int, ...], wha
     return t
 
 
-def check_gram(client: str, name: str, G: Tensor) -> None:
-    """A Gram statistic: diagonal (d,) with entries >= 0, or dense (d, d) symmetric positive semi-definite."""
+def check_gram(client: str, name: str, G: Tensor, wire_eps: float = 0.0) -> None:
+    """A Gram statistic: diagonal (d,) with entries >= 0, or dense (d, d) symmetric positive semi-definite.
+
+    ``wire_eps``: machine epsilon of the dtype G travelled in; rounding to it may move an eigenvalue of an honest
+    (e.g. rank-deficient) Gram below zero by at most d * eps * max|G|, which the PSD check tolerates.
+    """
     G = G.to(torch.float64)
     diag = G if G.ndim == 1 else G.diagonal()
     if (diag < 0).any():
@@ -49,7 +53,8 @@ def check_gram(client: str, name: str, G: Tensor) -> None:
     if asym > SYMMETRY_RTOL * scale:
         raise InvalidUpdate(client, name, f"dense Gram is not symmetric (max |G - G^T| = {asym.item():.3g})")
     # Cholesky of G + tol I succeeds iff every eigenvalue of G is > -tol: one factorisation, no eigensolver.
-    _, info = torch.linalg.cholesky_ex(G + PSD_RTOL * scale * torch.eye(len(G), dtype=G.dtype, device=G.device))
+    tol = PSD_RTOL * scale + len(G) * wire_eps * G.abs().max()
+    _, info = torch.linalg.cholesky_ex(G + tol * torch.eye(len(G), dtype=G.dtype, device=G.device))
     if info != 0:
         raise InvalidUpdate(client, name, "dense Gram is not positive semi-definite")
 
@@ -61,11 +66,12 @@ def validate_update(
     num_examples: int,
     expected_shapes: Mapping[str, tuple[int, ...]],
     expected_gram_shapes: Mapping[str, tuple[int, ...]],
+    wire_dtype: torch.dtype = torch.float64,
 ) -> None:
     """Raise InvalidUpdate unless the reply has exactly the expected layers, shapes, finite values and counts.
 
     tensors: trained factors and head block by name; grams: layer -> (d,) or (d, d), float;
-    expected_*: the shapes the server's own model dictates.
+    expected_*: the shapes the server's own model dictates; wire_dtype: the Grams' transport dtype.
     """
     if not isinstance(num_examples, int) or num_examples < 0:
         raise InvalidUpdate(client, "-", f"sample count {num_examples!r} is not a non-negative integer")
@@ -77,6 +83,6 @@ def validate_update(
         for name, shape in expected.items():
             _check_tensor(client, name, given[name], shape, what)
     for name, G in grams.items():
-        check_gram(client, name, G)  # type: ignore[arg-type]
+        check_gram(client, name, G, torch.finfo(wire_dtype).eps)  # type: ignore[arg-type]
     if num_examples == 0 and any(bool((G != 0).any()) for G in grams.values()):  # type: ignore[union-attr]
         raise InvalidUpdate(client, "-", "zero samples but non-zero Grams")

@@ -156,6 +156,8 @@ class LoRMStrategy(Strategy):
             factors |= {"head.weight": (hi - lo, d), "head.bias": (hi - lo,)}
         layers = {name: d for name, d in self.exp.gram_d_in.items() if factor or name != HEAD}
         grams = {name: ((d, d) if self.exp.gram_dense[name] else (d,)) for name, d in layers.items()}
+        if factor == "B":  # B-rounds carry A G A^T (see client/local.py)
+            grams |= {name: (r, r) for name in self.exp.shapes}
         return factors, grams
 
     def _valid(self, replies: Iterable[Message], expect_factor: str) -> tuple[list[ClientReply], int]:
@@ -177,11 +179,14 @@ class LoRMStrategy(Strategy):
                     raise ProtocolError(
                         f"reply for task {reply.task} round {reply.round} factor {reply.factor!r} is stale"
                     )
+                if reply.projected != (frozenset(self.exp.shapes) if expect_factor == "B" else frozenset()):
+                    raise ProtocolError("B-round replies (and only they) carry projected Grams A G A^T")
                 tensors = dict(reply.trained)
                 if expect_factor:
                     tensors |= {"head.weight": reply.head_weight, "head.bias": reply.head_bias}
                 validate_update(
-                    str(node), tensors, reply.grams, reply.num_examples, expected_factors, expected_grams
+                    str(node), tensors, reply.grams, reply.num_examples, expected_factors, expected_grams,
+                    reply.gram_wire_dtype,
                 )
             except (InvalidUpdate, ProtocolError, KeyError, ValueError, TypeError) as err:
                 dropped.append((node, f"{type(err).__name__}: {err}"))
@@ -201,7 +206,9 @@ class LoRMStrategy(Strategy):
         factor = self.run.factor_schedule[s.round]
         backbone_grams = [{k: g for k, g in r.grams.items() if k != HEAD} for r in replies]
         shared = s.A if factor == "B" else s.B
-        merged = merge_round(factor, shared, [r.trained for r in replies], backbone_grams, ridge, dev)
+        merged = merge_round(
+            factor, shared, [r.trained for r in replies], backbone_grams, ridge, dev, projected=factor == "B"
+        )
         merged = {name: t.to(torch.float32).cpu() for name, t in merged.items()}
         if factor == "B":
             s.B = merged

@@ -244,3 +244,20 @@ def test_merge_runs_on_the_device_of_its_inputs():
     out = merge_round("B", A, trained, grams, device="cuda")["l"]
     assert out.is_cuda
     close(out, trained[0]["l"].cpu().numpy())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_b_round_from_projected_statistics_equals_the_raw_merge(alpha):
+    """Clients may send A G_i A^T instead of G_i in a B-round: same merge, r x r numbers per layer."""
+    from common.merges import project_gram
+
+    rng = np.random.default_rng(13)
+    r, d_out, d_in = 3, 6, 9
+    A = {"l": torch.from_numpy(rng.standard_normal((r, d_in)))}
+    trained = [{"l": torch.from_numpy(rng.standard_normal((d_out, r)))} for _ in range(4)]
+    grams = [{"l": gram(X, alpha)} for X in clients(rng, 4, d=d_in)]
+    projected = [{"l": project_gram(A["l"], g["l"])} for g in grams]
+    raw = merge_round("B", A, trained, grams)["l"]
+    close(merge_round("B", A, trained, projected, projected=True)["l"], raw.numpy(), rtol=1e-12)
+    with pytest.raises(MergeError, match="A-round"):
+        merge_round("A", A, [{"l": torch.zeros(r, d_in)}], projected[:1], projected=True)

@@ -94,6 +94,29 @@ def test_client_reply_round_trip_with_packed_head_gram():
     torch.testing.assert_close(back32.grams["head"], head_gram, rtol=1e-6, atol=1e-5)
 
 
+def test_projected_grams_travel_as_packed_r_by_r_and_are_marked():
+    P = _sym(3)
+    reply = ClientReply(task=1, round=0, factor="B", num_examples=9, grams={"l1": P}, trained={"l1": torch.randn(5, 3)},
+                        head_weight=torch.randn(2, 4), head_bias=torch.randn(2), projected=frozenset({"l1"}))
+    arrays, config = reply.to_wire(torch.float64)
+    assert arrays["gram/l1"].shape == (6,)
+    back = ClientReply.from_wire(arrays, config, ROUND_REPLY)
+    assert back.projected == {"l1"} and torch.equal(back.grams["l1"], P)
+
+
+def test_integer_statistics_are_refused():
+    reply = ClientReply(task=0, round=1, factor="A", num_examples=4, grams={"l1": torch.ones(4)},
+                        trained={"l1": torch.randn(2, 4)}, head_weight=torch.randn(1, 4), head_bias=torch.randn(1))
+    arrays, config = reply.to_wire(torch.float32)
+    arrays["gram/l1"] = arrays["gram/l1"].to(torch.int32)
+    manifest = Manifest.FromString(config[MANIFEST_KEY])
+    for spec in manifest.tensors:
+        if spec.key == "gram/l1":
+            spec.dtype = "int32"
+    with pytest.raises(ProtocolError, match="floating point"):
+        ClientReply.from_wire(arrays, {MANIFEST_KEY: manifest.SerializeToString()}, ROUND_REPLY)
+
+
 def test_generated_manifest_module_matches_the_schema(tmp_path):
     """common/lorm_manifest_pb2.py is compiler output: regenerating it from proto/ must give the same file."""
     pytest.importorskip("grpc_tools")
@@ -103,3 +126,23 @@ def test_generated_manifest_module_matches_the_schema(tmp_path):
         check=True,
     )
     assert (tmp_path / "lorm_manifest_pb2.py").read_text() == (ROOT / "common" / "lorm_manifest_pb2.py").read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_gram_transport_is_scaled_into_range_and_passes_validation(dtype):
+    """A Gram of many tokens exceeds float16's range (65504): it travels divided by max|G|."""
+    from common.validation import check_gram
+
+    x = torch.randn(5000, 6, dtype=torch.float64) * 30  # rank-deficient after adding 2 zero features
+    x = torch.cat([x, torch.zeros(5000, 2, dtype=torch.float64)], 1)
+    G = x.T @ x
+    assert G.max() > 65504
+    reply = ClientReply(task=0, round=1, factor="A", num_examples=5000, grams={"head": G},
+                        trained={"l1": torch.randn(2, 4)}, head_weight=torch.randn(1, 8), head_bias=torch.randn(1))
+    arrays, config = reply.to_wire(dtype)
+    assert arrays["gram/head"].dtype == dtype and arrays["gram/head"].numel() == 36
+    back = ClientReply.from_wire(arrays, config, ROUND_REPLY)
+    assert back.gram_wire_dtype == dtype and torch.isfinite(back.grams["head"]).all()
+    eps = torch.finfo(dtype).eps
+    assert ((back.grams["head"] - G).abs().max() / G.abs().max()) < eps
+    check_gram("1", "head", back.grams["head"], eps)
