@@ -14,7 +14,8 @@ from common.data import client_task_indices
 from common.experiment import HEAD, Experiment, build_experiment, stable_seed
 from common.lora import get_factors, set_deltas, set_factors, set_trainable
 from common.merges import project_gram
-from common.protocol import ClientReply, RoundOrder
+from common.lorm_manifest_pb2 import GRAMS_ORDER, ROUND_ORDER
+from common.protocol import GRAMS, TRAIN, ClientReply, RoundOrder
 from common.training import gram_pass, make_loader, train_block
 
 
@@ -39,15 +40,21 @@ class LocalWork:
     run: RunConfig
     node: NodeConfig
     exp: Experiment
+    last_summary: str = ""
 
     @classmethod
     def from_context(cls, context: Context) -> "LocalWork":
-        run = RunConfig.parse(context.run_config, source="run config")
-        node = NodeConfig.parse(context.node_config, source="node config")
+        return cls.create(
+            RunConfig.parse(context.run_config, source="run config"),
+            NodeConfig.parse(context.node_config, source="node config"),
+        )
+
+    @classmethod
+    def create(cls, run: RunConfig, node: NodeConfig) -> "LocalWork":
         if node.num_threads:
             torch.set_num_threads(node.num_threads)
         device = resolve_device(node.device or run.device)
-        exp = build_experiment(run, node.data_dir or run.data_dir, device)
+        exp = build_experiment(run, node.data_dir or run.data_dir, device, node.cache_dir)
         return cls(run=run, node=node, exp=exp)
 
     @property
@@ -86,6 +93,23 @@ class LocalWork:
         finally:
             set_deltas(model, None, adapter_scale=1.0)
         return grams, len(indices)
+
+    def respond(self, kind: str, arrays: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
+        """One order in wire form (Flower message type, arrays, config) -> the reply in wire form."""
+        if kind == TRAIN:
+            order = RoundOrder.from_wire(arrays, config, ROUND_ORDER)
+            reply = self.train_round(order)
+            self.last_summary = (
+                f"task {order.task} round {order.round} factor {order.factor} on {reply.num_examples} samples, "
+                f"loss {reply.train_loss:.4f}"
+            )
+        elif kind == GRAMS:
+            order = RoundOrder.from_wire(arrays, config, GRAMS_ORDER)
+            reply = self.task_end_grams(order)
+            self.last_summary = f"task {order.task} end: Grams of {reply.num_examples} samples"
+        else:
+            raise ValueError(f"unknown message type {kind!r}")
+        return reply.to_wire(self.gram_dtype)
 
     def train_round(self, order: RoundOrder) -> ClientReply:
         model, device = self.exp.model, self.exp.device

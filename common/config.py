@@ -102,6 +102,9 @@ class NodeConfig(_Config):
     data_dir: str = ""
     device: str = ""
     num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
+    cache_dir: str = Field(
+        "~/.cache/lorm-flower/streams", description="decoded packaged streams, kept across messages; '' = off"
+    )
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> "NodeConfig":

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from pathlib import Path
 from dataclasses import dataclass
 
 from common.backbones import BACKBONES
 from common.config import RunConfig
 from common.data import Stream, load_stream
+from common.data.cache import load_or_build
 from common.lora import layer_shapes
 from common.model import FCILModel, build_model
 
@@ -51,12 +53,17 @@ class Experiment:
         return classes[0], classes[-1] + 1
 
 
+DEFAULT_CACHE_DIR = "~/.cache/lorm-flower/streams"
+
+
 @functools.lru_cache(maxsize=2)
-def build_experiment(run: RunConfig, data_dir: str, device: str) -> Experiment:
-    """Cached per process: a SuperNode or simulation worker builds the backbone and loads the data once."""
+def build_experiment(run: RunConfig, data_dir: str, device: str, cache_dir: str = DEFAULT_CACHE_DIR) -> Experiment:
+    """Cached per process: a SuperNode or simulation worker builds the backbone and loads the data once.
+
+    ``cache_dir``: where packaged streams are kept decoded across processes ("" = no disk cache).
+    """
     spec = BACKBONES[run.backbone]
-    stream = load_stream(
-        run.dataset,
+    args = dict(
         img_size=run.img_size,
         mean=spec.mean,
         std=spec.std,
@@ -66,6 +73,10 @@ def build_experiment(run: RunConfig, data_dir: str, device: str) -> Experiment:
         max_test_per_class=run.max_test_per_class or None,
         seed=run.seed,
     )
+    if cache_dir and not data_dir:
+        stream = load_or_build(Path(cache_dir).expanduser(), run.dataset, args, lambda: load_stream(run.dataset, **args))
+    else:
+        stream = load_stream(run.dataset, **args)
     tasks = stream.tasks[: run.num_tasks] if run.num_tasks else list(stream.tasks)
     if run.num_tasks > len(stream.tasks):
         raise ValueError(f"num-tasks {run.num_tasks} but the {run.dataset} stream has {len(stream.tasks)} tasks")

@@ -13,12 +13,13 @@ times out is simply left out of that round (and logged) while at least ``min-cli
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -32,10 +33,7 @@ from common.validation import InvalidUpdate, validate_update
 from server.evaluation import evaluate_seen
 from server.report import RunReport
 from server.state import ServerState
-
-
-class RoundFailed(RuntimeError):
-    """Too few valid replies for a merge: the run stops (its checkpoint allows a restart)."""
+from server.transport import Envelope, FlowerTransport, RoundFailed, Transport
 
 
 class LoRMStrategy(Strategy):
@@ -99,47 +97,17 @@ class LoRMStrategy(Strategy):
             head_bias=s.head_bias[lo:hi] if with_head else None,
         )
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self._messages(grid, TRAIN, arrays, config)
+    # The schedule (``run_schedule``) drives the rounds itself; these hooks of Flower's flat-round loop are unused.
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
+        return []
 
-    def _messages(self, grid: Grid, kind: str, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
-        nodes = self._wait_for_nodes(grid)
-        return [
-            Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type=kind)
-            for node in nodes
-        ]
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, None]:
+        return None, None
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.run.round_timeout
-        while True:
-            nodes = sorted(grid.get_node_ids())
-            if len(nodes) >= self.run.min_clients:
-                return nodes
-            if time.monotonic() > deadline:
-                raise RoundFailed(f"only {len(nodes)} SuperNodes connected, min-clients is {self.run.min_clients}")
-            time.sleep(1.0)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, dropped = self._valid(replies, expect_factor=self.run.factor_schedule[self.state.round])
-        started = time.perf_counter()
-        self._merge_round(valid)
-        merge_s = time.perf_counter() - started
-        n = sum(r.num_examples for r in valid)
-        loss = sum(r.train_loss * r.num_examples for r in valid) / max(n, 1)
-        return None, MetricRecord(
-            {"train-loss": loss, "num-examples": n, "merge-s": merge_s, "clients": len(valid), "dropped": dropped}
-        )
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
         return []  # evaluation is central, on the server (see _task_end)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> None:
         return None
 
     # -- validation and merges -----------------------------------------------------------------------------------
@@ -160,35 +128,27 @@ class LoRMStrategy(Strategy):
             grams |= {name: (r, r) for name in self.exp.shapes}
         return factors, grams
 
-    def _valid(self, replies: Iterable[Message], expect_factor: str) -> tuple[list[ClientReply], int]:
-        """The replies fit to merge, and how many were dropped (each with a log line saying why)."""
+    def _max_reply_bytes(self, factor: str) -> int:
+        """A valid reply's arrays at float64, plus room for the keys: anything larger is not a valid reply."""
+        factors, grams = self._expected(factor)
+        numbers = sum(math.prod(s) for s in factors.values())
+        numbers += sum(d * (d + 1) // 2 if len(s) == 2 else d for s in grams.values() for d in s[:1])
+        return 8 * numbers + 256 * (len(factors) + len(grams)) + 4096
+
+    def select(self, envelopes: Iterable[Envelope], expect_factor: str) -> tuple[list[ClientReply], int]:
+        """The replies fit to merge, and how many were dropped (each with a log line naming node and reason).
+
+        envelopes: (node id, (arrays, config)) as the client sent them, or (node id, reason) when unusable.
+        """
         expected_factors, expected_grams = self._expected(expect_factor)
         valid, dropped = [], []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                dropped.append((node, f"client error: {msg.error.reason}"))
+        for node, content in envelopes:
+            if isinstance(content, str):
+                dropped.append((node, content))
                 continue
             try:
-                reply = ClientReply.from_wire(
-                    msg.content["arrays"].to_torch_state_dict(),
-                    dict(msg.content["config"]),
-                    ROUND_REPLY if expect_factor else GRAMS_REPLY,
-                )
-                if (reply.task, reply.round, reply.factor) != (self.state.task, self.state.round, expect_factor):
-                    raise ProtocolError(
-                        f"reply for task {reply.task} round {reply.round} factor {reply.factor!r} is stale"
-                    )
-                if reply.projected != (frozenset(self.exp.shapes) if expect_factor == "B" else frozenset()):
-                    raise ProtocolError("B-round replies (and only they) carry projected Grams A G A^T")
-                tensors = dict(reply.trained)
-                if expect_factor:
-                    tensors |= {"head.weight": reply.head_weight, "head.bias": reply.head_bias}
-                validate_update(
-                    str(node), tensors, reply.grams, reply.num_examples, expected_factors, expected_grams,
-                    reply.gram_wire_dtype,
-                )
-            except (InvalidUpdate, ProtocolError, KeyError, ValueError, TypeError) as err:
+                reply = self._accept(node, *content, expect_factor, expected_factors, expected_grams)
+            except (InvalidUpdate, ProtocolError, KeyError, ValueError, TypeError, RuntimeError) as err:
                 dropped.append((node, f"{type(err).__name__}: {err}"))
                 continue
             valid.append(reply)
@@ -200,6 +160,26 @@ class LoRMStrategy(Strategy):
                 f"min-clients is {self.run.min_clients}"
             )
         return valid, len(dropped)
+
+    def _accept(
+        self, node: int, arrays: dict, config: dict, expect_factor: str, expected_factors: dict, expected_grams: dict
+    ) -> ClientReply:
+        size = _nbytes(arrays)
+        if size > self._max_reply_bytes(expect_factor):
+            raise ProtocolError(_too_large(size, self._max_reply_bytes(expect_factor)))
+        reply = ClientReply.from_wire(arrays, config, ROUND_REPLY if expect_factor else GRAMS_REPLY)
+        if (reply.task, reply.round, reply.factor) != (self.state.task, self.state.round, expect_factor):
+            raise ProtocolError(f"reply for task {reply.task} round {reply.round} factor {reply.factor!r} is stale")
+        if reply.projected != (frozenset(self.exp.shapes) if expect_factor == "B" else frozenset()):
+            raise ProtocolError("B-round replies (and only they) carry projected Grams A G A^T")
+        tensors = dict(reply.trained)
+        if expect_factor:
+            tensors |= {"head.weight": reply.head_weight, "head.bias": reply.head_bias}
+        validate_update(
+            str(node), tensors, reply.grams, reply.num_examples, expected_factors, expected_grams,
+            reply.gram_wire_dtype,
+        )
+        return reply
 
     def _merge_round(self, replies: list[ClientReply]) -> None:
         s, dev, ridge = self.state, self.merge_device, self.run.ridge
@@ -231,29 +211,34 @@ class LoRMStrategy(Strategy):
         self.state.sums.fold(self.state.A, self.state.B, total)
 
     # -- the schedule --------------------------------------------------------------------------------------------
-    def _exchange(self, grid: Grid, kind: str, factor: str, timeout: float) -> tuple[list[Message], int]:
+    def _exchange(self, transport: Transport, kind: str, factor: str) -> tuple[list[Envelope], int]:
         arrays, config = self._order(factor).to_wire()
-        record = ArrayRecord(torch_state_dict=arrays)
-        messages = self._messages(grid, kind, record, ConfigRecord(config))
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        return replies, record.count_bytes()
+        limit = self._max_reply_bytes(factor)
+        return transport.exchange(kind, arrays, config, limit), _nbytes(arrays)
 
     def start(self, grid: Grid, *args, **kwargs) -> ServerState:  # type: ignore[override]
-        """Run (or resume) the whole schedule; returns the final state."""
+        """Run (or resume) the whole schedule over Flower; returns the final state."""
+        return self.run_schedule(FlowerTransport(grid, self.run.min_clients, self.run.round_timeout))
+
+    def run_schedule(self, transport: Transport) -> ServerState:
+        """Every remaining round and task end, checkpointed after each; returns the final state."""
         self.summary()
         s, tasks, rounds = self.state, self.exp.tasks, self.run.rounds_per_task
         while s.task < len(tasks):
             while s.round < rounds:
                 started = time.perf_counter()
                 factor = self.run.factor_schedule[s.round]
-                replies, down = self._exchange(grid, TRAIN, factor, self.run.round_timeout)
-                up = _mean_upload(replies)
-                _, metrics = self.aggregate_train(len(s.history) + 1, replies)
+                envelopes, down = self._exchange(transport, TRAIN, factor)
+                up = _mean_upload(envelopes)
+                valid, dropped = self.select(envelopes, expect_factor=factor)
+                merge_started = time.perf_counter()
+                self._merge_round(valid)
+                n = sum(r.num_examples for r in valid)
                 record = {
-                    "task": s.task, "round": s.round, "factor": factor, "clients": metrics["clients"],
-                    "dropped": metrics["dropped"], "train_loss": metrics["train-loss"], "uplink_bytes_per_client": up,
-                    "downlink_bytes_per_client": down, "merge_s": metrics["merge-s"],
-                    "wall_s": time.perf_counter() - started,
+                    "task": s.task, "round": s.round, "factor": factor, "clients": len(valid), "dropped": dropped,
+                    "train_loss": sum(r.train_loss * r.num_examples for r in valid) / max(n, 1),
+                    "uplink_bytes_per_client": up, "downlink_bytes_per_client": down,
+                    "merge_s": time.perf_counter() - merge_started, "wall_s": time.perf_counter() - started,
                 }
                 s.history.append(record)
                 s.round += 1
@@ -264,13 +249,13 @@ class LoRMStrategy(Strategy):
                     s.task + 1, len(tasks), s.round, rounds, factor, record["clients"], record["train_loss"],
                     record["merge_s"], up / 1e3, record["wall_s"],
                 )
-            self._task_end(grid)
+            self._task_end(transport)
         return s
 
-    def _task_end(self, grid: Grid) -> None:
+    def _task_end(self, transport: Transport) -> None:
         s = self.state
-        replies, _ = self._exchange(grid, GRAMS, "", self.run.round_timeout)
-        self._fold_task(self._valid(replies, expect_factor="")[0])
+        envelopes, _ = self._exchange(transport, GRAMS, "")
+        self._fold_task(self.select(envelopes, expect_factor="")[0])
         s.past.append((s.A, s.B))
         deltas = s.sums.delta(self.run.ridge)
         row = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
@@ -288,7 +273,15 @@ class LoRMStrategy(Strategy):
         self._save()
 
 
-def _mean_upload(replies: list[Message]) -> float:
-    sizes = [m.content["arrays"].count_bytes() for m in replies if not m.has_error()]
+def _too_large(size: int, limit: int) -> str:
+    return f"payload of {size} bytes exceeds the {limit} a valid reply can have"
+
+
+def _nbytes(arrays: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in arrays.values())
+
+
+def _mean_upload(envelopes: list[Envelope]) -> float:
+    sizes = [_nbytes(content[0]) for _, content in envelopes if not isinstance(content, str)]
     return sum(sizes) / max(len(sizes), 1)
 

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor, nn
 
 from common.lora import (
-    AdapterError,
     LoRALayer,
     get_factors,
     init_adapter,

@@ -1,0 +1,49 @@
+"""An in-process federation for tests: the strategy's schedule against K LocalWork clients, no Flower runtime.
+
+Orders and replies go through the same wire form (``LocalWork.respond``) as over Flower; a client whose
+``respond`` raises becomes a "client error" envelope, as Flower turns a crashed ClientApp into an error reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from client.local import LocalWork
+from common.config import NodeConfig, RunConfig
+from server.report import RunReport
+from server.strategy import LoRMStrategy
+from server.transport import Envelope
+
+# fault(call index, node, kind) -> None, or an exception to raise in that client (or "absent": no reply at all)
+Fault = Callable[[int, int, str], "Exception | str | None"]
+
+
+class InProcessTransport:
+    def __init__(self, run: RunConfig, num_clients: int, fault: Fault | None = None) -> None:
+        self.works = [
+            LocalWork.create(run, NodeConfig(partition_id=i, num_partitions=num_clients, cache_dir=""))
+            for i in range(num_clients)
+        ]
+        self.fault = fault
+        self.calls = 0
+
+    def exchange(self, kind: str, arrays: dict, config: dict, max_reply_bytes: int) -> list[Envelope]:
+        call, self.calls = self.calls, self.calls + 1
+        replies: list[Envelope] = []
+        for node, work in enumerate(self.works):
+            failure = self.fault(call, node, kind) if self.fault else None
+            if failure == "absent":
+                continue
+            try:
+                if isinstance(failure, BaseException):
+                    raise failure
+                replies.append((node, work.respond(kind, {k: v.clone() for k, v in arrays.items()}, dict(config))))
+            except Exception as err:
+                replies.append((node, f"client error: {err}"))
+        return replies
+
+
+def strategy_for(run: RunConfig, folder, fingerprint: str = "test") -> LoRMStrategy:
+    from common.experiment import build_experiment
+
+    return LoRMStrategy(build_experiment(run, "", "cpu", ""), RunReport(folder), fingerprint, merge_device="cpu")

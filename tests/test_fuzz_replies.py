@@ -1,0 +1,231 @@
+"""Fuzz: malformed replies mixed among valid ones never change the merge; each is dropped with a log line."""
+
+import random
+
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.experiment import HEAD, build_experiment
+from common.lorm_manifest_pb2 import DENSE_PACKED, ROUND_ORDER, Manifest
+from common.merges import project_gram
+from common.protocol import MANIFEST_KEY, ClientReply
+from server.report import RunReport
+from server.strategy import LoRMStrategy, RoundFailed
+
+RUN = RunConfig(
+    backbone="vit_tiny_test", img_size=32, num_tasks=2, max_train_per_class=4, max_test_per_class=2, rank=3,
+    alpha_head=0.5, min_clients=1,
+)
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return build_experiment(RUN, "", "cpu", "")
+
+
+def strategy(exp, tmp_path):
+    return LoRMStrategy(exp, RunReport(tmp_path / f"run{random.random()}"), "fuzz", merge_device="cpu")
+
+
+def psd(d, n=None, gen=None):
+    X = torch.randn(n or d + 3, d, dtype=torch.float64, generator=gen)
+    return X.T @ X
+
+
+def valid_reply(exp, s, gen) -> tuple[dict, dict]:
+    """A B-round reply as a real client sends it (task 0, round 0), random but well-formed."""
+    lo, hi = exp.block(0)
+    d = exp.model.head.in_features
+    grams = {name: project_gram(s.state.A[name].double(), torch.rand(d_in, dtype=torch.float64, generator=gen))
+             for name, (_, d_in) in exp.shapes.items()}
+    grams[HEAD] = psd(d, gen=gen)
+    reply = ClientReply(
+        task=0, round=0, factor="B", num_examples=int(torch.randint(1, 50, (1,), generator=gen)), grams=grams,
+        trained={name: torch.randn(d_out, RUN.rank, generator=gen) for name, (d_out, _) in exp.shapes.items()},
+        head_weight=torch.randn(hi - lo, d, generator=gen), head_bias=torch.randn(hi - lo, generator=gen),
+        train_loss=1.0, projected=frozenset(exp.shapes),
+    )
+    return reply.to_wire(torch.float32)
+
+
+def _edit_manifest(config, edit):
+    m = Manifest.FromString(config[MANIFEST_KEY])
+    edit(m)
+    return {MANIFEST_KEY: m.SerializeToString()}
+
+
+def _retype(arrays, config, key, tensor):
+    arrays[key] = tensor
+
+    def edit(m):
+        spec = next((s for s in m.tensors if s.key == key), None) or m.tensors.add(key=key)
+        spec.shape[:] = list(tensor.shape)
+        spec.dtype = str(tensor.dtype).removeprefix("torch.")
+
+    return arrays, _edit_manifest(config, edit)
+
+
+def _factor_key(arrays):
+    return sorted(k for k in arrays if k.startswith("factor/"))[0]
+
+
+def _set(field, value):
+    def mutate(arrays, config, gen):
+        return arrays, _edit_manifest(config, lambda m: setattr(m, field, value))
+    return mutate
+
+
+def _nan(arrays, config, gen):
+    key = _factor_key(arrays)
+    arrays[key] = arrays[key].clone()
+    arrays[key].view(-1)[0] = float("nan")
+    return arrays, config
+
+
+def _inf_gram(arrays, config, gen):
+    arrays["gram/head"] = arrays["gram/head"].clone()
+    arrays["gram/head"][-1] = float("inf")
+    return arrays, config
+
+
+def _shape_declared(arrays, config, gen):
+    key = _factor_key(arrays)
+    return _retype(arrays, config, key, torch.zeros(arrays[key].shape[0] + 1, arrays[key].shape[1]))
+
+
+def _shape_undeclared(arrays, config, gen):
+    key = _factor_key(arrays)
+    arrays[key] = torch.zeros(2, 2)
+    return arrays, config
+
+
+def _int_dtype(arrays, config, gen):
+    key = _factor_key(arrays)
+    return _retype(arrays, config, key, arrays[key].to(torch.int32))
+
+
+def _missing(arrays, config, gen):
+    key = _factor_key(arrays)
+    del arrays[key]
+    return arrays, _edit_manifest(config, lambda m: m.tensors.remove(next(s for s in m.tensors if s.key == key)))
+
+
+def _extra_declared(arrays, config, gen):
+    return _retype(arrays, config, "factor/blocks.9.evil", torch.ones(3, 3))
+
+
+def _extra_undeclared(arrays, config, gen):
+    arrays["gram/evil"] = torch.ones(3)
+    return arrays, config
+
+
+def _oversized(arrays, config, gen):
+    return _retype(arrays, config, "factor/padding", torch.zeros(10_000_000, dtype=torch.float16))
+
+
+def _not_psd(arrays, config, gen):
+    g = arrays["gram/head"].clone()
+    g[1] = 3 * (g[0].abs() + g[2].abs()) + 1  # packed (0, 1) entry breaks Cauchy-Schwarz
+    arrays["gram/head"] = g
+    return arrays, config
+
+
+def _unprojected(arrays, config, gen):
+    def edit(m):
+        for spec in m.grams:
+            if spec.layer != HEAD:
+                spec.form = DENSE_PACKED
+    return arrays, _edit_manifest(config, edit)
+
+
+def _garbage(arrays, config, gen):
+    return arrays, {MANIFEST_KEY: bytes(torch.randint(0, 256, (40,), generator=gen).tolist())}
+
+
+def _no_manifest(arrays, config, gen):
+    return arrays, {}
+
+
+def _zero_samples(arrays, config, gen):
+    return _set("num_examples", 0)(arrays, config, gen)
+
+
+MUTATIONS = {
+    "NaN factor": _nan,
+    "Inf Gram": _inf_gram,
+    "declared wrong shape": _shape_declared,
+    "undeclared wrong shape": _shape_undeclared,
+    "integer dtype": _int_dtype,
+    "missing layer": _missing,
+    "extra layer (declared)": _extra_declared,
+    "extra layer (undeclared)": _extra_undeclared,
+    "oversized": _oversized,
+    "non-PSD Gram": _not_psd,
+    "unprojected B-round Gram": _unprojected,
+    "garbage manifest": _garbage,
+    "no manifest": _no_manifest,
+    "negative count": _set("num_examples", -5),
+    "zero count with statistics": _zero_samples,
+    "unknown schema version": _set("schema_version", 99),
+    "wrong kind": _set("kind", ROUND_ORDER),
+    "stale round": _set("round", 1),
+    "stale task": _set("task", 1),
+    "wrong factor": _set("factor", "A"),
+}
+
+
+def merged_state(s):
+    lo, hi = s.exp.block(0)
+    return {**s.state.B, "head.weight": s.state.head_weight[lo:hi].clone(), "head.bias": s.state.head_bias[lo:hi]}
+
+
+def test_every_malformed_reply_is_dropped_and_the_merge_equals_the_valid_ones(exp, tmp_path, caplog):
+    gen = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    tried = {name: 0 for name in MUTATIONS}
+    order = sorted(MUTATIONS) * 2
+    rng.shuffle(order)
+    per_trial = 5
+    for trial in range(-(-len(order) // per_trial)):
+        s = strategy(exp, tmp_path)
+        valid = [valid_reply(exp, s, gen) for _ in range(rng.randint(1, 4))]
+        envelopes = [(i, (dict(a), dict(c))) for i, (a, c) in enumerate(valid)]
+        for j, name in enumerate(order[trial * per_trial : (trial + 1) * per_trial]):
+            arrays, config = valid_reply(exp, s, gen)
+            envelopes.append((100 + j, MUTATIONS[name](dict(arrays), dict(config), gen)))
+            tried[name] += 1
+        envelopes.append((999, "client error: the node vanished"))
+        rng.shuffle(envelopes)
+
+        caplog.clear()
+        accepted, dropped = s.select(envelopes, "B")
+        assert (len(accepted), dropped) == (len(valid), len(envelopes) - len(valid))
+        assert caplog.text.count("dropping node") == dropped
+        s._merge_round(accepted)
+
+        reference = strategy(exp, tmp_path)
+        ref_accepted, _ = reference.select([(i, v) for i, v in enumerate(valid)], "B")
+        reference._merge_round(ref_accepted)
+        got, want = merged_state(s), merged_state(reference)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)
+    assert min(tried.values()) >= 2, tried
+
+
+def test_each_mutation_alone_is_refused_with_its_reason(exp, tmp_path, caplog):
+    gen = torch.Generator().manual_seed(1)
+    s = strategy(exp, tmp_path)
+    good = valid_reply(exp, s, gen)
+    for name, mutate in MUTATIONS.items():
+        arrays, config = valid_reply(exp, s, gen)
+        caplog.clear()
+        accepted, dropped = s.select([(1, good), (2, mutate(dict(arrays), dict(config), gen))], "B")
+        assert (len(accepted), dropped) == (1, 1), name
+        assert "dropping node 2" in caplog.text, name
+
+
+def test_too_few_valid_replies_fail_the_round(exp, tmp_path):
+    s = strategy(exp, tmp_path)
+    with pytest.raises(RoundFailed, match="0 valid replies"):
+        s.select([(1, "client error: timeout")], "B")

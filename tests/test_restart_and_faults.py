@@ -1,0 +1,79 @@
+"""Faults during a run and a server restart, on the real schedule with in-process clients."""
+
+import pytest
+import torch
+
+from common.config import RunConfig
+from server.state import CheckpointError, ServerState
+from server.transport import RoundFailed
+from tests.inprocess import InProcessTransport, strategy_for
+
+RUN = RunConfig(
+    backbone="vit_tiny_test", img_size=32, classes_per_task=5, num_tasks=2, rounds_per_task=3, local_epochs=1,
+    max_train_per_class=8, max_test_per_class=4, rank=2, alpha_head=0.5, min_clients=2, seed=3,
+)
+K = 3
+
+
+class Crash(Exception):
+    """Stands for the server process dying between two rounds."""
+
+
+def test_a_restarted_server_resumes_where_it_stopped_and_ends_identical(tmp_path):
+    whole = strategy_for(RUN, tmp_path / "whole").run_schedule(InProcessTransport(RUN, K))
+
+    class CrashingTransport(InProcessTransport):
+        def exchange(self, *args):
+            if self.calls == 4:  # after task 0 (3 rounds + its task end) was checkpointed
+                raise Crash()
+            return super().exchange(*args)
+
+    with pytest.raises(Crash):
+        strategy_for(RUN, tmp_path / "cut").run_schedule(CrashingTransport(RUN, K))
+    resumed = strategy_for(RUN, tmp_path / "cut")
+    assert (resumed.state.task, resumed.state.round, len(resumed.state.acc)) == (1, 0, 1)
+    final = resumed.run_schedule(InProcessTransport(RUN, K))
+
+    assert final.acc == whole.acc  # the same accuracy matrix, so the same FAA
+    for name in whole.A:
+        assert torch.equal(final.A[name], whole.A[name]) and torch.equal(final.B[name], whole.B[name])
+    for key in ("S", "H"):
+        for name, t in getattr(whole.sums, key).items():
+            assert torch.equal(getattr(final.sums, key)[name], t)
+    assert [h["round"] for h in final.history] == [h["round"] for h in whole.history]
+
+
+def test_a_failing_or_vanished_client_is_left_out_and_the_run_goes_on(tmp_path, caplog):
+    faults = {(1, 2): RuntimeError("CUDA out of memory"), (2, 0): "absent", (4, 1): RuntimeError("disk full")}
+    transport = InProcessTransport(RUN, K, fault=lambda call, node, kind: faults.get((call, node)))
+    state = strategy_for(RUN, tmp_path / "faulty").run_schedule(transport)
+    assert len(state.acc) == 2
+    clients = [h["clients"] for h in state.history]
+    # calls 0-2 are task 0's rounds, call 3 its task end, call 4 task 1's first round
+    assert clients == [3, 2, 2, 2, 3, 3]
+    assert [h["dropped"] for h in state.history] == [0, 1, 0, 1, 0, 0]  # an absent node is not even a reply
+    assert "dropping node 2 from task 0 round 1: client error: CUDA out of memory" in caplog.text
+    assert "dropping node 1 from task 1 round 0: client error: disk full" in caplog.text
+
+
+def test_below_min_clients_the_round_fails_and_the_checkpoint_stays_resumable(tmp_path):
+    transport = InProcessTransport(RUN, K, fault=lambda call, node, kind: "absent" if call == 1 and node else None)
+    folder = tmp_path / "starved"
+    with pytest.raises(RoundFailed, match="1 valid replies, min-clients is 2"):
+        strategy_for(RUN, folder).run_schedule(transport)
+    resumed = strategy_for(RUN, folder)
+    assert (resumed.state.task, resumed.state.round) == (0, 1)  # round 0 merged, round 1 to do again
+
+
+def test_a_corrupt_or_foreign_checkpoint_is_an_error_never_a_fresh_start(tmp_path):
+    folder = tmp_path / "c"
+    s = strategy_for(RUN, folder)
+    s.state.save(s.checkpoint, "test")
+    with pytest.raises(CheckpointError, match="other settings"):
+        strategy_for(RUN, folder, fingerprint="another run")
+    s.checkpoint.write_bytes(s.checkpoint.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        strategy_for(RUN, folder)
+    torch.save({"version": 99}, s.checkpoint)
+    with pytest.raises(CheckpointError, match="not a version-1"):
+        ServerState.load(s.checkpoint, "test")
