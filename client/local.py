@@ -81,10 +81,23 @@ class LocalWork:
         set_factors(model, "A", order.A)
         set_factors(model, "B", order.B)
 
+    def _base(self, order: RoundOrder) -> dict[str, Tensor] | None:
+        """What clients train on besides W0 + B A: nothing (LoRM), or the sum of the past deltas (baselines)."""
+        if order.past_mode != "sum" or not order.past:
+            return None
+        device = self.exp.device
+        return {
+            name: sum(b[name].to(device) @ a[name].to(device) for a, b in order.past) for name in self.exp.shapes
+        }
+
     def _grams(self, order: RoundOrder, indices: np.ndarray, with_head: bool) -> tuple[dict[str, Tensor], int]:
-        """Grams through W0 + mean of the task deltas (the current adapter included), as the paper's clients do."""
+        """Grams through the model the merge is about: W0 + mean of the task deltas, the current one included
+        (LoRM, as the paper's clients do), or the model the client trained (baselines)."""
         model, device = self.exp.model, self.exp.device
-        deltas, scale = mean_delta_terms(order.past, list(self.exp.shapes), device)
+        if order.past_mode == "mean":
+            deltas, scale = mean_delta_terms(order.past, list(self.exp.shapes), device)
+        else:
+            deltas, scale = self._base(order), 1.0
         set_deltas(model, deltas, adapter_scale=scale)
         alpha = self.exp.alpha if with_head else {k: v for k, v in self.exp.alpha.items() if k != HEAD}
         loader = make_loader(self.exp.stream.train, indices, self.run.eval_batch_size, shuffle=False, seed=0)
@@ -113,14 +126,14 @@ class LocalWork:
 
     def train_round(self, order: RoundOrder) -> ClientReply:
         model, device = self.exp.model, self.exp.device
-        if order.factor not in ("A", "B") or order.head_weight is None:
-            raise ValueError(f"a training round needs factor A or B and the head block, got {order.factor!r}")
+        if order.factor not in ("A", "B", "AB") or order.head_weight is None:
+            raise ValueError(f"a training round needs factors A, B or AB and the head block, got {order.factor!r}")
         self._load_adapter(order)
         lo, hi = self._block(order)
         with torch.no_grad():
             model.head.weight[lo:hi] = order.head_weight.to(device)
             model.head.bias[lo:hi] = order.head_bias.to(device)
-        set_deltas(model, None, adapter_scale=1.0)
+        set_deltas(model, self._base(order), adapter_scale=1.0)
         set_trainable(model, order.factor)
         model.head.requires_grad_(True)
 
@@ -133,9 +146,10 @@ class LocalWork:
             seed=stable_seed(self.run.seed, order.task, order.round, self.node.partition_id),
         )
         loss = train_block(model, loader, (lo, hi), epochs=self.run.local_epochs, lr=self.run.lr, device=device)
-        grams, n = self._grams(order, indices, with_head=True)
+        set_deltas(model, None, adapter_scale=1.0)
+        grams, n = self._grams(order, indices, with_head=True) if self.run.method.round_grams else ({}, len(indices))
         projected = frozenset()
-        if order.factor == "B":
+        if order.factor == "B" and grams:
             # A B-round merge needs only A G A^T (A is shared): r x r numbers per layer instead of G.
             projected = frozenset(self.exp.shapes)
             grams |= {name: project_gram(order.A[name].to(grams[name]), grams[name]) for name in projected}
@@ -145,7 +159,7 @@ class LocalWork:
             factor=order.factor,
             num_examples=n,
             grams=grams,
-            trained=get_factors(model, order.factor),
+            trained={f: get_factors(model, f) for f in order.factor},
             head_weight=model.head.weight[lo:hi].detach().cpu(),
             head_bias=model.head.bias[lo:hi].detach().cpu(),
             train_loss=loss,

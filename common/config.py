@@ -9,9 +9,12 @@ the key, instead of deep inside a round.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from common.methods import Method
 
 
 def _kebab(name: str) -> str:
@@ -40,7 +43,7 @@ class ConfigError(ValueError):
 class RunConfig(_Config):
     """Everything that defines a run; identical on the server and every client."""
 
-    strategy: Literal["lorm"] = "lorm"
+    strategy: Literal["lorm", "fedavg-lora", "ffa-lora", "regmean"] = "lorm"
     dataset: str = "offline"
     data_dir: str = ""
     backbone: str = "efficientnet_lite0"
@@ -87,9 +90,15 @@ class RunConfig(_Config):
         return self
 
     @property
+    def method(self) -> "Method":
+        from common.methods import METHODS
+
+        return METHODS[self.strategy]
+
+    @property
     def factor_schedule(self) -> list[str]:
-        """The factor trained in each round of a task: B, A, B, A, ... (B first: with B = 0, A gets no gradient)."""
-        return ["B" if r % 2 == 0 else "A" for r in range(self.rounds_per_task)]
+        """The factors trained in each round of a task (LoRM: B, A, B, ...; see common/methods.py)."""
+        return self.method.schedule(self.rounds_per_task)
 
 
 class NodeConfig(_Config):

@@ -242,16 +242,18 @@ def set_factors(model: nn.Module, which: Factor, tensors: Mapping[str, Tensor]) 
             getattr(layer, which).copy_(tensors[name])
 
 
-def set_trainable(model: nn.Module, which: Factor) -> None:
-    """Make ``which`` the only trainable tensor of every LoRALayer (W0, bias and the other factor frozen).
-
-    Modules outside LoRALayers (the head) are left as they are.
+def set_trainable(model: nn.Module, which: str) -> None:
+    """Make the factors in ``which`` ("A", "B" or "AB") the only trainable tensors of every LoRALayer (W0 and
+    bias frozen). Modules outside LoRALayers (the head) are left as they are.
     """
-    _check_factor(which)
+    if not which:
+        raise AdapterError("set_trainable needs at least one factor")
+    for factor in which:
+        _check_factor(factor)
     for layer in _require_layers(model).values():
         layer.base.requires_grad_(False)
         for factor in FACTORS:
-            getattr(layer, factor).requires_grad_(factor == which)
+            getattr(layer, factor).requires_grad_(factor in which)
 
 
 def set_deltas(model: nn.Module, deltas: Mapping[str, Tensor] | None, adapter_scale: float = 1.0) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -236,3 +236,37 @@ class TaskSums:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Mapping[str, Tensor]]) -> "TaskSums":
         return cls(dict(state["S"]), dict(state["H"]))
+
+
+def weighted_average(tensors: Sequence[Mapping[str, Tensor]], counts: Tensor) -> dict[str, Tensor]:
+    """FedAvg: sum_i n_i T_i / sum_i n_i for every name, float64. counts: (K,) samples, positive total."""
+    counts = _f64(counts)
+    if len(tensors) == 0 or (counts < 0).any() or counts.sum() <= 0:
+        raise MergeError(f"averaging needs clients with non-negative counts and a positive total, got {counts}")
+    weights = counts / counts.sum()
+    return {
+        name: sum(w * _f64(t[name], w.device) for w, t in zip(weights, tensors, strict=True))  # type: ignore[misc]
+        for name in tensors[0]
+    }
+
+
+def regmean_lowrank(
+    As: Sequence[Mapping[str, Tensor]],
+    Bs: Sequence[Mapping[str, Tensor]],
+    grams: Sequence[Mapping[str, Tensor]],
+    ridge: float = 0.0,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """RegMean of the clients' full deltas B_i A_i, returned exactly in low-rank form.
+
+        dW* = (sum_i B_i A_i G_i) pinv(sum_i G_i) = [B_1 ... B_K] [A_1 G_1 H^+; ...; A_K G_K H^+]
+
+    so dW* = B_stack A_stack with A_stack: (K r, d_in), B_stack: (d_out, K r): no d_out x d_in matrix is built
+    or sent. A_i: (r, d_in), B_i: (d_out, r), G_i: (d_in,) or (d_in, d_in).
+    """
+    if not As:
+        raise MergeError("RegMean merge with no client")
+    num = {name: torch.cat([times_gram(_f64(a[name]), _f64(g[name])) for a, g in zip(As, grams)]) for name in As[0]}
+    den = {name: sum(_f64(g[name]) for g in grams) for name in As[0]}
+    A_stack = solve_layers(num, den, ridge)  # type: ignore[arg-type]
+    B_stack = {name: torch.cat([_f64(b[name]) for b in Bs], dim=1) for name in As[0]}
+    return A_stack, B_stack

@@ -26,6 +26,8 @@ from common.lorm_manifest_pb2 import (
     DIAGONAL,
     GRAMS_ORDER,
     GRAMS_REPLY,
+    PAST_MODE_MEAN,
+    PAST_MODE_SUM,
     PROJECTED_PACKED,
     ROUND_ORDER,
     ROUND_REPLY,
@@ -97,7 +99,12 @@ def read_manifest(arrays: dict[str, Tensor], config: dict, kind: int) -> Manifes
 
 @dataclass
 class RoundOrder:
-    """Server -> client. ``factor`` is "A" or "B" for a training round, "" for the task-end Gram query."""
+    """Server -> client. ``factor``: the factors to train ("A", "B" or "AB"), "" for the task-end Gram query.
+
+    ``past`` are low-rank adapters (A: (r', d_in), B: (d_out, r')) that clients combine by ``past_mode``:
+    "mean" (LoRM: W0 + mean over past and current task deltas, for Grams only) or "sum" (baselines: W0 + sum of
+    them is the model they train on).
+    """
 
     task: int
     round: int
@@ -108,6 +115,7 @@ class RoundOrder:
     past: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = field(default_factory=list)
     head_weight: Tensor | None = None  # (hi - lo, d): the task's rows of the head
     head_bias: Tensor | None = None  # (hi - lo,)
+    past_mode: str = "mean"
 
     @property
     def kind(self) -> int:
@@ -122,13 +130,14 @@ class RoundOrder:
         config = _pack(
             self.kind, arrays, task=self.task, round=self.round, factor=self.factor, class_lo=self.block[0],
             class_hi=self.block[1], num_past=len(self.past),
+            past_mode=PAST_MODE_SUM if self.past_mode == "sum" else PAST_MODE_MEAN,
         )
         return arrays, config
 
     @classmethod
     def from_wire(cls, arrays: dict[str, Tensor], config: dict, kind: int) -> "RoundOrder":
         m = read_manifest(arrays, config, kind)
-        if m.factor not in (("A", "B") if kind == ROUND_ORDER else ("",)):
+        if m.factor not in (("A", "B", "AB") if kind == ROUND_ORDER else ("",)):
             raise ProtocolError(f"factor {m.factor!r} does not fit this message kind")
         head = unflatten("head", arrays)
         past = [(unflatten(f"past{t}.A", arrays), unflatten(f"past{t}.B", arrays)) for t in range(m.num_past)]
@@ -142,6 +151,7 @@ class RoundOrder:
             past=past,
             head_weight=head.get("weight"),
             head_bias=head.get("bias"),
+            past_mode="sum" if m.past_mode == PAST_MODE_SUM else "mean",
         )
 
 
@@ -155,7 +165,7 @@ class ClientReply:
     factor: str
     num_examples: int
     grams: dict[str, Tensor]  # layer (or "head") -> (d_in,) diagonal or (d_in, d_in) dense, or (r, r) projected
-    trained: dict[str, Tensor] = field(default_factory=dict)  # layer -> trained factor
+    trained: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # factor ("A"/"B") -> layer -> tensor
     head_weight: Tensor | None = None
     head_bias: Tensor | None = None
     train_loss: float = float("nan")
@@ -174,9 +184,8 @@ class ClientReply:
     def to_wire(self, gram_dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, bytes]]:
         packed = {n: (pack_symmetric(g) if g.ndim == 2 else g) for n, g in self.grams.items()}
         scales = {n: _wire_scale(g, gram_dtype) for n, g in packed.items()}
-        arrays = flatten("factor", self.trained, torch.float32) | flatten(
-            "gram", {n: g / scales[n] for n, g in packed.items()}, gram_dtype
-        )
+        arrays = {k: t for f, d in self.trained.items() for k, t in flatten(f"factor.{f}", d, torch.float32).items()}
+        arrays |= flatten("gram", {n: g / scales[n] for n, g in packed.items()}, gram_dtype)
         if self.head_weight is not None:
             arrays |= flatten("head", {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
         specs = tuple(
@@ -216,7 +225,7 @@ class ClientReply:
             factor=m.factor,
             num_examples=m.num_examples,
             grams=grams,
-            trained=unflatten("factor", arrays),
+            trained={f: t for f in "AB" if (t := unflatten(f"factor.{f}", arrays))},
             head_weight=head.get("weight"),
             head_bias=head.get("bias"),
             train_loss=m.train_loss,

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.experiment import HEAD, Experiment, stable_seed
 from common.lora import init_adapter
-from common.merges import TaskSums, merge_head, merge_round
+from common.merges import TaskSums, merge_head, merge_round, regmean_lowrank, weighted_average
 from common.lorm_manifest_pb2 import GRAMS_REPLY, ROUND_REPLY
 from common.protocol import GRAMS, TRAIN, ClientReply, ProtocolError, RoundOrder
 from common.validation import InvalidUpdate, validate_update
@@ -40,6 +40,7 @@ class LoRMStrategy(Strategy):
     def __init__(self, exp: Experiment, report: RunReport, fingerprint: str, merge_device: str) -> None:
         self.exp = exp
         self.run = exp.run
+        self.method = exp.run.method
         self.report = report
         self.fingerprint = fingerprint
         self.merge_device = merge_device
@@ -95,6 +96,7 @@ class LoRMStrategy(Strategy):
             past=s.past,
             head_weight=s.head_weight[lo:hi] if with_head else None,
             head_bias=s.head_bias[lo:hi] if with_head else None,
+            past_mode=self.method.past_mode,
         )
 
     # The schedule (``run_schedule``) drives the rounds itself; these hooks of Flower's flat-round loop are unused.
@@ -114,19 +116,25 @@ class LoRMStrategy(Strategy):
     def _expected(self, factor: str) -> tuple[dict[str, tuple], dict[str, tuple]]:
         """Shapes a valid reply must have: trained factor (+ head block) and Grams per layer."""
         r = self.run.rank
-        factors: dict[str, tuple] = {}
+        factors: dict[str, tuple] = {
+            f"{f}:{name}": ((d_out, r) if f == "B" else (r, d_in))
+            for f in factor
+            for name, (d_out, d_in) in self.exp.shapes.items()
+        }
         if factor:
-            factors = {
-                name: ((d_out, r) if factor == "B" else (r, d_in)) for name, (d_out, d_in) in self.exp.shapes.items()
-            }
             lo, hi = self.exp.block(self.state.task)
             d = self.exp.model.head.in_features
             factors |= {"head.weight": (hi - lo, d), "head.bias": (hi - lo,)}
+        if factor and not self.method.round_grams:
+            return factors, {}
         layers = {name: d for name, d in self.exp.gram_d_in.items() if factor or name != HEAD}
         grams = {name: ((d, d) if self.exp.gram_dense[name] else (d,)) for name, d in layers.items()}
-        if factor == "B":  # B-rounds carry A G A^T (see client/local.py)
+        if self._projected(factor):  # B-rounds carry A G A^T (see client/local.py)
             grams |= {name: (r, r) for name in self.exp.shapes}
         return factors, grams
+
+    def _projected(self, factor: str) -> bool:
+        return factor == "B" and self.method.round_grams
 
     def _max_reply_bytes(self, factor: str) -> int:
         """A valid reply's arrays at float64, plus room for the keys: anything larger is not a valid reply."""
@@ -170,9 +178,9 @@ class LoRMStrategy(Strategy):
         reply = ClientReply.from_wire(arrays, config, ROUND_REPLY if expect_factor else GRAMS_REPLY)
         if (reply.task, reply.round, reply.factor) != (self.state.task, self.state.round, expect_factor):
             raise ProtocolError(f"reply for task {reply.task} round {reply.round} factor {reply.factor!r} is stale")
-        if reply.projected != (frozenset(self.exp.shapes) if expect_factor == "B" else frozenset()):
+        if reply.projected != (frozenset(self.exp.shapes) if self._projected(expect_factor) else frozenset()):
             raise ProtocolError("B-round replies (and only they) carry projected Grams A G A^T")
-        tensors = dict(reply.trained)
+        tensors = {f"{f}:{name}": t for f, layers in reply.trained.items() for name, t in layers.items()}
         if expect_factor:
             tensors |= {"head.weight": reply.head_weight, "head.bias": reply.head_bias}
         validate_update(
@@ -182,25 +190,34 @@ class LoRMStrategy(Strategy):
         return reply
 
     def _merge_round(self, replies: list[ClientReply]) -> None:
+        """The method's server merge of one round (see common/methods.py), into the state's adapter and head."""
         s, dev, ridge = self.state, self.merge_device, self.run.ridge
         factor = self.run.factor_schedule[s.round]
+        counts = torch.tensor([r.num_examples for r in replies], device=dev)
+        trained = {f: [r.trained[f] for r in replies] for f in factor}
         backbone_grams = [{k: g for k, g in r.grams.items() if k != HEAD} for r in replies]
-        shared = s.A if factor == "B" else s.B
-        merged = merge_round(
-            factor, shared, [r.trained for r in replies], backbone_grams, ridge, dev, projected=factor == "B"
-        )
-        merged = {name: t.to(torch.float32).cpu() for name, t in merged.items()}
-        if factor == "B":
-            s.B = merged
+        name = self.method.name
+        if name == "lorm":
+            shared = s.A if factor == "B" else s.B
+            merged = merge_round(factor, shared, trained[factor], backbone_grams, ridge, dev, projected=factor == "B")
+            setattr(s, factor, _cpu32(merged))
+        elif name in ("fedavg-lora", "ffa-lora"):
+            for f in factor:
+                setattr(s, f, _cpu32(weighted_average(trained[f], counts)))
+        elif name == "regmean":
+            # The round's merged delta joins the sum clients train on; the next round starts a fresh adapter.
+            A_stack, B_stack = regmean_lowrank(trained["A"], trained["B"], backbone_grams, ridge)
+            s.past.append((_cpu32(A_stack), _cpu32(B_stack)))
+            s.A, s.B = init_adapter(self.exp.shapes, self.run.rank, seed=stable_seed(self.run.seed, s.task, s.round + 1))
         else:
-            s.A = merged
-        W, b = merge_head(
-            torch.stack([r.head_weight for r in replies]).to(dev),
-            torch.stack([r.head_bias for r in replies]).to(dev),
-            torch.stack([r.grams[HEAD] for r in replies]).to(dev),
-            torch.tensor([r.num_examples for r in replies], device=dev),
-            ridge,
-        )
+            raise ValueError(f"no server merge for strategy {name!r}")
+        weights = torch.stack([r.head_weight for r in replies]).to(dev)
+        biases = torch.stack([r.head_bias for r in replies]).to(dev)
+        if self.method.round_grams:
+            W, b = merge_head(weights, biases, torch.stack([r.grams[HEAD] for r in replies]).to(dev), counts, ridge)
+        else:
+            avg = weighted_average([{"w": w, "b": b} for w, b in zip(weights, biases)], counts)
+            W, b = avg["w"], avg["b"]
         lo, hi = self.exp.block(s.task)
         s.head_weight[lo:hi] = W.to(torch.float32).cpu()
         s.head_bias[lo:hi] = b.to(torch.float32).cpu()
@@ -254,10 +271,15 @@ class LoRMStrategy(Strategy):
 
     def _task_end(self, transport: Transport) -> None:
         s = self.state
-        envelopes, _ = self._exchange(transport, GRAMS, "")
-        self._fold_task(self.select(envelopes, expect_factor="")[0])
-        s.past.append((s.A, s.B))
-        deltas = s.sums.delta(self.run.ridge)
+        if self.method.task_end_grams:
+            envelopes, _ = self._exchange(transport, GRAMS, "")
+            self._fold_task(self.select(envelopes, expect_factor="")[0])
+        if self.method.name != "regmean":  # RegMean's rounds already added their merged deltas
+            s.past.append((s.A, s.B))
+        if self.method.past_mode == "mean":
+            deltas = s.sums.delta(self.run.ridge)
+        else:
+            deltas = {name: sum(b[name].double() @ a[name].double() for a, b in s.past) for name in self.exp.shapes}
         row = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
         s.acc.append(row)
         result = self.report.write_results(s.acc, {"tasks_done": s.task + 1})
@@ -271,6 +293,10 @@ class LoRMStrategy(Strategy):
         if s.task < len(self.exp.tasks):
             s.A, s.B = self._fresh_adapter(s.task)
         self._save()
+
+
+def _cpu32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.to(torch.float32).cpu() for name, t in tensors.items()}
 
 
 def _too_large(size: int, limit: int) -> str:

@@ -42,7 +42,7 @@ def valid_reply(exp, s, gen) -> tuple[dict, dict]:
     grams[HEAD] = psd(d, gen=gen)
     reply = ClientReply(
         task=0, round=0, factor="B", num_examples=int(torch.randint(1, 50, (1,), generator=gen)), grams=grams,
-        trained={name: torch.randn(d_out, RUN.rank, generator=gen) for name, (d_out, _) in exp.shapes.items()},
+        trained={"B": {name: torch.randn(d_out, RUN.rank, generator=gen) for name, (d_out, _) in exp.shapes.items()}},
         head_weight=torch.randn(hi - lo, d, generator=gen), head_bias=torch.randn(hi - lo, generator=gen),
         train_loss=1.0, projected=frozenset(exp.shapes),
     )
@@ -67,7 +67,7 @@ def _retype(arrays, config, key, tensor):
 
 
 def _factor_key(arrays):
-    return sorted(k for k in arrays if k.startswith("factor/"))[0]
+    return sorted(k for k in arrays if k.startswith("factor.B/"))[0]
 
 
 def _set(field, value):
@@ -112,7 +112,7 @@ def _missing(arrays, config, gen):
 
 
 def _extra_declared(arrays, config, gen):
-    return _retype(arrays, config, "factor/blocks.9.evil", torch.ones(3, 3))
+    return _retype(arrays, config, "factor.B/blocks.9.evil", torch.ones(3, 3))
 
 
 def _extra_undeclared(arrays, config, gen):
@@ -121,7 +121,7 @@ def _extra_undeclared(arrays, config, gen):
 
 
 def _oversized(arrays, config, gen):
-    return _retype(arrays, config, "factor/padding", torch.zeros(10_000_000, dtype=torch.float16))
+    return _retype(arrays, config, "factor.B/padding", torch.zeros(10_000_000, dtype=torch.float16))
 
 
 def _not_psd(arrays, config, gen):

@@ -261,3 +261,31 @@ def test_b_round_from_projected_statistics_equals_the_raw_merge(alpha):
     close(merge_round("B", A, trained, projected, projected=True)["l"], raw.numpy(), rtol=1e-12)
     with pytest.raises(MergeError, match="A-round"):
         merge_round("A", A, [{"l": torch.zeros(r, d_in)}], projected[:1], projected=True)
+
+
+def test_regmean_of_full_deltas_is_exact_in_low_rank_form():
+    from common.merges import regmean_lowrank
+
+    rng = np.random.default_rng(14)
+    K, r, d_out, d_in = 3, 2, 6, 8
+    Xs = clients(rng, K, d=d_in)
+    As = [rng.standard_normal((r, d_in)) for _ in range(K)]
+    Bs = [rng.standard_normal((d_out, r)) for _ in range(K)]
+    for alpha in (0.0, 0.5):
+        A_stack, B_stack = regmean_lowrank(
+            [{"l": torch.from_numpy(a)} for a in As], [{"l": torch.from_numpy(b)} for b in Bs],
+            [{"l": gram(X, alpha)} for X in Xs],
+        )
+        assert A_stack["l"].shape == (K * r, d_in) and B_stack["l"].shape == (d_out, K * r)
+        Xa = [augmented(X, alpha) for X in Xs]
+        want = lstsq_fit(Xa, [X @ (b @ a).T for X, a, b in zip(Xa, As, Bs)])
+        close(B_stack["l"] @ A_stack["l"], want)
+
+
+def test_weighted_average_is_fedavg():
+    from common.merges import weighted_average
+
+    ts = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    close(weighted_average(ts, torch.tensor([1, 3]))["w"], np.array([2.5, 5.0]), rtol=1e-15)
+    with pytest.raises(MergeError, match="positive total"):
+        weighted_average(ts, torch.tensor([0, 0]))

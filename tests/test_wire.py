@@ -80,7 +80,7 @@ def test_client_reply_round_trip_with_packed_head_gram():
     head_gram = _sym(4)
     diag = (torch.randn(40, 4, dtype=torch.float64) ** 2).sum(0)
     reply = ClientReply(task=0, round=1, factor="A", num_examples=40, grams={"l1": diag, "head": head_gram},
-                        trained={"l1": torch.randn(2, 4)}, head_weight=torch.randn(3, 4), head_bias=torch.randn(3),
+                        trained={"A": {"l1": torch.randn(2, 4)}}, head_weight=torch.randn(3, 4), head_bias=torch.randn(3),
                         train_loss=0.5)
     arrays, config = reply.to_wire(torch.float64)
     assert arrays["gram/head"].shape == (10,)  # packed triangle, not 16 numbers
@@ -96,7 +96,7 @@ def test_client_reply_round_trip_with_packed_head_gram():
 
 def test_projected_grams_travel_as_packed_r_by_r_and_are_marked():
     P = _sym(3)
-    reply = ClientReply(task=1, round=0, factor="B", num_examples=9, grams={"l1": P}, trained={"l1": torch.randn(5, 3)},
+    reply = ClientReply(task=1, round=0, factor="B", num_examples=9, grams={"l1": P}, trained={"B": {"l1": torch.randn(5, 3)}},
                         head_weight=torch.randn(2, 4), head_bias=torch.randn(2), projected=frozenset({"l1"}))
     arrays, config = reply.to_wire(torch.float64)
     assert arrays["gram/l1"].shape == (6,)
@@ -106,7 +106,7 @@ def test_projected_grams_travel_as_packed_r_by_r_and_are_marked():
 
 def test_integer_statistics_are_refused():
     reply = ClientReply(task=0, round=1, factor="A", num_examples=4, grams={"l1": torch.ones(4)},
-                        trained={"l1": torch.randn(2, 4)}, head_weight=torch.randn(1, 4), head_bias=torch.randn(1))
+                        trained={"A": {"l1": torch.randn(2, 4)}}, head_weight=torch.randn(1, 4), head_bias=torch.randn(1))
     arrays, config = reply.to_wire(torch.float32)
     arrays["gram/l1"] = arrays["gram/l1"].to(torch.int32)
     manifest = Manifest.FromString(config[MANIFEST_KEY])
@@ -138,7 +138,7 @@ def test_16_bit_gram_transport_is_scaled_into_range_and_passes_validation(dtype)
     G = x.T @ x
     assert G.max() > 65504
     reply = ClientReply(task=0, round=1, factor="A", num_examples=5000, grams={"head": G},
-                        trained={"l1": torch.randn(2, 4)}, head_weight=torch.randn(1, 8), head_bias=torch.randn(1))
+                        trained={"A": {"l1": torch.randn(2, 4)}}, head_weight=torch.randn(1, 8), head_bias=torch.randn(1))
     arrays, config = reply.to_wire(dtype)
     assert arrays["gram/head"].dtype == dtype and arrays["gram/head"].numel() == 36
     back = ClientReply.from_wire(arrays, config, ROUND_REPLY)
