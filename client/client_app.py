@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client.local import LocalWork
+from client.secagg import privacy, privacy_mod, secure_train
 
 app = ClientApp()
 
@@ -26,13 +27,17 @@ def _handle(msg: Message, context: Context) -> Message:
     )
 
 
-@app.train()
+# privacy_mod routes through Flower's secaggplus_mod when the run's privacy is "secagg" (a mod list is fixed
+# when the app is built, the run config is known only per message) and refuses plain messages then.
+@app.train(mods=[privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     """One round: train the ordered factor + head block, then the Gram pass through the mean-delta model."""
+    if privacy(context) == "secagg":
+        return secure_train(msg, context)  # a round or a task end, inside SecAgg+'s collect stage
     return _handle(msg, context)
 
 
-@app.query("grams")
+@app.query("grams", mods=[privacy_mod])
 def task_end_grams(msg: Message, context: Context) -> Message:
     """Task end: backbone Grams through W0 + mean of the task deltas, for the server's cross-task fold."""
     return _handle(msg, context)

@@ -74,6 +74,15 @@ class RunConfig(_Config):
     run_name: str = Field("", description="results folder name; empty = run-<flower run id>")
     device: str = "auto"
     eval_batch_size: int = Field(128, ge=1)
+    privacy: Literal["plain", "secagg"] = Field(
+        "plain", description="secagg: the server learns only sums over clients, through Flower's SecAgg+"
+    )
+    # Levels per value in SecAgg+'s fixed point (values are scaled into [-1, 1] first, see common/secagg.py);
+    # at most 2^30, as secaggplus_mod rounds into int32.
+    secagg_quantization_range: int = Field(1 << 30, ge=1 << 8, le=1 << 30)
+    # As in Flower's SecAggPlusWorkflow: <= 1 is a fraction of the round's clients, > 1 a count.
+    secagg_num_shares: float = Field(1.0, gt=0)
+    secagg_reconstruction_threshold: float = Field(0.67, gt=0)
 
     @model_validator(mode="after")
     def _known_names(self) -> "RunConfig":
@@ -87,6 +96,10 @@ class RunConfig(_Config):
         ):
             if value not in registry:
                 raise ValueError(f"{key} {value!r} is not one of {sorted(registry)}")
+        if self.privacy == "secagg" and self.min_clients < 2:
+            raise ValueError("privacy 'secagg' needs min-clients >= 2: the sum of one client is that client's data")
+        if self.privacy == "secagg" and self.strategy != "lorm":
+            raise ValueError(f"privacy 'secagg' is implemented for strategy 'lorm' only, not {self.strategy!r}")
         return self
 
     @property

@@ -206,6 +206,19 @@ def merge_head(
     return merged, bias
 
 
+def head_from_sums(
+    WG: Tensor, G: Tensor, nb: Tensor, n: float, ridge: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """``merge_head`` from sums over clients only (what secure aggregation reveals).
+
+    WG = sum_i W_i G_i: (m, d); G = sum_i G_i: (d, d) or (d,); nb = sum_i n_i b_i: (m,); n = sum_i n_i.
+    """
+    if not n > 0:
+        raise MergeError(f"head merge needs a positive total sample count, got {n}")
+    WG = _f64(WG)
+    return solve_regmean(WG, _f64(G, WG.device), ridge), _f64(nb, WG.device) / n
+
+
 class TaskSums:
     """Cross-task running sums per layer: S = sum_tau (B_tau A_tau) G_tau (d_out, d_in), H = sum_tau G_tau.
 

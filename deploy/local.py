@@ -27,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.processes import BIN, ROOT, Processes, flwr_run, free_port, run_status, wait_for_port
+from deploy.processes import BIN, OFFLINE, ROOT, Processes, flwr_run, free_port, run_status, wait_for_port
 
 CONNECTION = "deploy"
 LINK_PORT = 8000  # Flower's default; used as is only where the SuperLink has a network namespace of its own
@@ -127,7 +127,7 @@ def local_deployment(workdir: Path, k: int, *, tls: Path | None = None, auth: bo
     hosts = hosts or loopback(k)
     workdir = workdir.resolve()
     _fresh(workdir)
-    base_env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    base_env = os.environ | OFFLINE | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     procs = Processes(workdir)
     try:
         link = hosts.link

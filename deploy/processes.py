@@ -21,6 +21,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Flower's processes phone home by default (telemetry events, a PyPI update check in a background thread):
+# everything started here talks only to the machines of the federation.
+OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # Re-exported: tests and older callers import these from here.
-from deploy.processes import BIN, ROOT, flwr_run, free_port, run_status, stop, wait_for_port  # noqa: F401
+from deploy.processes import BIN, OFFLINE, ROOT, flwr_run, free_port, run_status, stop, wait_for_port  # noqa: F401
 
 
 @contextmanager
@@ -32,7 +32,7 @@ def simulation_superlink(workdir: Path):
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = os.environ | {"FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = os.environ | OFFLINE | {"FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(workdir / "superlink.log", "w") as log:
         proc = subprocess.Popen(
             [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--port", str(port),

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig, resolve_device
 from common.experiment import build_experiment
 from server.report import RunReport
+from server.secagg import SecAggLoRMStrategy
 from server.state import config_fingerprint
 from server.strategy import LoRMStrategy
 
@@ -35,7 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     fingerprint = config_fingerprint(
         {k: v for k, v in settings.items() if k not in ("round-timeout", "output-dir", "run-name", "device")}
     )
-    strategy = LoRMStrategy(exp, report, fingerprint, merge_device=device)
+    strategy_cls = SecAggLoRMStrategy if run.privacy == "secagg" else LoRMStrategy
+    strategy = strategy_cls(exp, report, fingerprint, merge_device=device)
     state = strategy.start(grid)
     result = report.write_results(state.acc, {"tasks_done": len(state.acc), "wall_s": time.perf_counter() - started})
     log(INFO, "LoRM finished: FAA %.2f%%, average forgetting %.2f, results in %s",

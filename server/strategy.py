@@ -237,6 +237,27 @@ class LoRMStrategy(Strategy):
         """Run (or resume) the whole schedule over Flower; returns the final state."""
         return self.run_schedule(FlowerTransport(grid, self.run.min_clients, self.run.round_timeout))
 
+    # One round, and a task end's statistics: server/secagg.py overrides both to merge from secure sums instead.
+    def _round(self, transport: Transport, factor: str) -> dict:
+        """One round's exchange and merge; returns the round's record fields."""
+        envelopes, down = self._exchange(transport, TRAIN, factor)
+        up = _mean_upload(envelopes)
+        valid, dropped = self.select(envelopes, expect_factor=factor)
+        merge_started = time.perf_counter()
+        self._merge_round(valid)
+        n = sum(r.num_examples for r in valid)
+        return {
+            "clients": len(valid), "dropped": dropped,
+            "train_loss": sum(r.train_loss * r.num_examples for r in valid) / max(n, 1),
+            "uplink_bytes_per_client": up, "downlink_bytes_per_client": down,
+            "merge_s": time.perf_counter() - merge_started,
+        }
+
+    def _task_end_statistics(self, transport: Transport) -> None:
+        """The task-end Grams into the cross-task sums S and H."""
+        envelopes, _ = self._exchange(transport, GRAMS, "")
+        self._fold_task(self.select(envelopes, expect_factor="")[0])
+
     def run_schedule(self, transport: Transport) -> ServerState:
         """Every remaining round and task end, checkpointed after each; returns the final state."""
         self.summary()
@@ -245,18 +266,8 @@ class LoRMStrategy(Strategy):
             while s.round < rounds:
                 started = time.perf_counter()
                 factor = self.run.factor_schedule[s.round]
-                envelopes, down = self._exchange(transport, TRAIN, factor)
-                up = _mean_upload(envelopes)
-                valid, dropped = self.select(envelopes, expect_factor=factor)
-                merge_started = time.perf_counter()
-                self._merge_round(valid)
-                n = sum(r.num_examples for r in valid)
-                record = {
-                    "task": s.task, "round": s.round, "factor": factor, "clients": len(valid), "dropped": dropped,
-                    "train_loss": sum(r.train_loss * r.num_examples for r in valid) / max(n, 1),
-                    "uplink_bytes_per_client": up, "downlink_bytes_per_client": down,
-                    "merge_s": time.perf_counter() - merge_started, "wall_s": time.perf_counter() - started,
-                }
+                record = {"task": s.task, "round": s.round, "factor": factor, **self._round(transport, factor)}
+                record["wall_s"] = time.perf_counter() - started
                 s.history.append(record)
                 s.round += 1
                 self._save()
@@ -264,7 +275,7 @@ class LoRMStrategy(Strategy):
                     INFO,
                     "[task %d/%d round %d/%d %s] %d clients, loss %.4f, merge %.3f s, up %.1f kB/client, %.1f s",
                     s.task + 1, len(tasks), s.round, rounds, factor, record["clients"], record["train_loss"],
-                    record["merge_s"], up / 1e3, record["wall_s"],
+                    record["merge_s"], record["uplink_bytes_per_client"] / 1e3, record["wall_s"],
                 )
             self._task_end(transport)
         return s
@@ -272,8 +283,7 @@ class LoRMStrategy(Strategy):
     def _task_end(self, transport: Transport) -> None:
         s = self.state
         if self.method.task_end_grams:
-            envelopes, _ = self._exchange(transport, GRAMS, "")
-            self._fold_task(self.select(envelopes, expect_factor="")[0])
+            self._task_end_statistics(transport)
         if self.method.name != "regmean":  # RegMean's rounds already added their merged deltas
             s.past.append((s.A, s.B))
         if self.method.past_mode == "mean":

@@ -41,21 +41,21 @@ def _entropy(counts: np.ndarray) -> float:
 def test_offline_stream_classes_tasks_and_caps() -> None:
     stream = _offline(classes_per_task=5)
     assert stream.name == "offline"
-    assert len(stream.class_names) == 30
-    assert stream.class_names[0] == "digits/0" and stream.class_names[10] == "mnist/0"
-    assert stream.class_names[20:] == [
+    assert len(stream.class_names) == 20
+    assert stream.class_names[:10] == [f"digit/{d}" for d in range(10)]  # scikit-learn + MNIST: one concept each
+    assert stream.class_names[10:] == [
         f"animal/{a}" for a in "bear bird cat cow dog elephant giraffe horse sheep zebra".split()
     ]
-    assert stream.tasks == [list(range(lo, lo + 5)) for lo in range(0, 30, 5)]
+    assert stream.tasks == [list(range(lo, lo + 5)) for lo in range(0, 20, 5)]
     # Every class has far more than the caps, so each holds exactly the cap.
-    assert np.array_equal(np.bincount(stream.train_labels, minlength=30), np.full(30, 20))
-    assert np.array_equal(np.bincount(stream.test_labels, minlength=30), np.full(30, 5))
+    assert np.array_equal(np.bincount(stream.train_labels, minlength=20), np.full(20, 20))
+    assert np.array_equal(np.bincount(stream.test_labels, minlength=20), np.full(20, 5))
     assert stream.train_labels.dtype == np.int64
-    assert len(stream.train) == 600 and len(stream.test) == 150
+    assert len(stream.train) == 400 and len(stream.test) == 100
 
 
-def test_offline_default_is_three_tasks_of_ten() -> None:
-    assert _offline().tasks == [list(range(lo, lo + 10)) for lo in (0, 10, 20)]
+def test_offline_default_is_two_tasks_of_ten() -> None:
+    assert _offline().tasks == [list(range(lo, lo + 10)) for lo in (0, 10)]
 
 
 def test_offline_items_are_normalised_grey_images_with_aligned_labels() -> None:
@@ -75,11 +75,10 @@ def test_offline_items_are_normalised_grey_images_with_aligned_labels() -> None:
 def test_offline_uncapped_split_is_80_20_per_class() -> None:
     stream = load_stream("offline", img_size=8, mean=MEAN, std=STD)
     train, test = np.bincount(stream.train_labels), np.bincount(stream.test_labels)
-    # mnist_5k has 500 per class and animal-mnist 1000: 400/100 and 800/200 exactly.
-    assert np.array_equal(train[20:], np.full(10, 800)) and np.array_equal(test[20:], np.full(10, 200))
-    assert np.array_equal(train[10:20] + test[10:20], np.full(10, 500))
+    # animal-mnist has 1000 per class: 800/200 exactly; digits are scikit-learn's 1,797 + MNIST's 5,000.
+    assert np.array_equal(train[10:], np.full(10, 800)) and np.array_equal(test[10:], np.full(10, 200))
+    assert (train + test)[:10].sum() == 1797 + 5000
     assert np.allclose(test / (train + test), 0.2, atol=0.01)
-    assert (train + test)[:10].sum() == 1797  # scikit-learn's digits
 
 
 def test_offline_same_seed_same_data_other_seed_other_data() -> None:
@@ -119,9 +118,9 @@ def test_fashion_domain_from_idx_files_keeps_the_official_split(tmp_path: Path) 
 
     stream = load_stream("offline-fashion", **SMALL, classes_per_task=5, data_dir=str(tmp_path))
     assert stream.name == "offline-fashion"
-    assert len(stream.tasks) == 8 and stream.class_names[30] == "fashion/t-shirt"
-    assert np.array_equal(np.bincount(stream.train_labels)[30:], np.full(10, 6))
-    assert np.array_equal(np.bincount(stream.test_labels)[30:], np.full(10, 2))
+    assert len(stream.tasks) == 6 and stream.class_names[20] == "fashion/t-shirt"
+    assert np.array_equal(np.bincount(stream.train_labels)[20:], np.full(10, 6))
+    assert np.array_equal(np.bincount(stream.test_labels)[20:], np.full(10, 2))
 
 
 @pytest.mark.skipif(FASHION_SYSTEM_DIR.is_dir(), reason="Debian's Fashion-MNIST is installed here")
@@ -244,12 +243,12 @@ def test_client_task_indices_split_each_task_among_clients() -> None:
         assert np.array_equal(np.sort(np.concatenate(shares)), expected)
         assert np.array_equal(shares[2], client_task_indices(stream, task, 2, 4, beta=0.1, seed=5))
     # The task id is mixed into the seed: two tasks' draws are not the same pattern shifted.
-    first = [len(client_task_indices(stream, t, 0, 4, beta=0.1, seed=5)) for t in range(6)]
+    first = [len(client_task_indices(stream, t, 0, 4, beta=0.1, seed=5)) for t in range(4)]
     assert len(set(first)) > 1
     with pytest.raises(DataError, match="partition-id 4"):
         client_task_indices(stream, 0, 4, 4, beta=0.1, seed=5)
-    with pytest.raises(DataError, match="task 6"):
-        client_task_indices(stream, 6, 0, 4, beta=0.1, seed=5)
+    with pytest.raises(DataError, match="task 4"):
+        client_task_indices(stream, 4, 0, 4, beta=0.1, seed=5)
 
 
 # ---- CIFAR-100 and ImageNet-R on generated on-disk files ---------------------------------------------------

@@ -1,0 +1,115 @@
+"""LoRM against FedAvg-LoRA, FFA-LoRA and RegMean on the same run: one table, one plot.
+
+    python bench/compare_strategies.py                          # offline default, beta 0.5 and 0.1
+    python bench/compare_strategies.py --betas 0.5 --run-config "num-tasks=2"
+
+Every strategy runs as a real Flower simulation (deploy/simulate.py) with the run config's defaults from
+pyproject.toml plus the overrides given, so the seed, the splits and the backbone are the same for all of them.
+Writes <out>/table.md, <out>/table.csv and <out>/faa.png; a run that fails stops the comparison with its status.
+Finished runs are reused (delete <out>/runs/<name> to redo one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.methods import METHODS  # noqa: E402
+from deploy.simulate import ROOT, flwr_run, run_status, simulation_superlink  # noqa: E402
+
+COLUMNS = [
+    "strategy", "beta", "faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
+]
+
+
+def run_one(name: str, strategy: str, beta: float, overrides: str, out: Path, supernodes: int) -> dict:
+    folder = out / "runs" / name
+    if not (folder / "metrics.json").exists() or json.loads((folder / "metrics.json").read_text()).get("wall_s") is None:
+        config = f"strategy='{strategy}' beta={beta} output-dir='{out / 'runs'}' run-name='{name}' {overrides}"
+        with simulation_superlink(out / "link" / name) as env:
+            run_id = flwr_run(env, "sim", ROOT, config, ["--federation-config", f"num-supernodes={supernodes}"])
+            status = run_status(env, "sim", run_id)
+        if not status.startswith("finished:completed"):
+            raise SystemExit(f"{name}: run {run_id} ended {status}")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    with open(folder / "rounds.csv") as f:
+        rounds = list(csv.DictReader(f))
+
+    def mean(key: str) -> float:
+        return sum(float(r[key]) for r in rounds) / len(rounds)
+
+    return {
+        "strategy": strategy, "beta": beta, "faa": metrics["faa"], "forgetting": metrics["average_forgetting"],
+        "final_acc_per_task": metrics["acc_matrix"][-1], "wall_s": metrics["wall_s"],
+        "uplink_kB": mean("uplink_bytes_per_client") / 1e3, "downlink_kB": mean("downlink_bytes_per_client") / 1e3,
+        "merge_ms": 1e3 * mean("merge_s"), "faa_per_task": metrics["average_accuracy_after_task"],
+    }
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row | {"final_acc_per_task": " ".join(f"{a:.1f}" for a in row["final_acc_per_task"])})
+    lines = [
+        "| strategy | beta | FAA % | forgetting | final acc per task % | wall s | uplink kB/client/round "
+        "| downlink kB/client/round | merge ms/round |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['strategy']} | {r['beta']} | {r['faa']:.2f} | {r['forgetting']:.2f} | "
+            f"{' '.join(f'{a:.1f}' for a in r['final_acc_per_task'])} | {r['wall_s']:.0f} | {r['uplink_kB']:.1f} | "
+            f"{r['downlink_kB']:.1f} | {r['merge_ms']:.1f} |"
+        )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    betas = sorted({r["beta"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(betas), figsize=(5 * len(betas), 4), squeeze=False)
+    for ax, beta in zip(axes[0], betas):
+        for r in (r for r in rows if r["beta"] == beta):
+            ax.plot(range(1, len(r["faa_per_task"]) + 1), r["faa_per_task"], marker="o", label=r["strategy"])
+        ax.set(title=f"beta = {beta}", xlabel="tasks seen", ylabel="average accuracy on seen tasks (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "faa.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategies", nargs="+", default=["lorm", "fedavg-lora", "ffa-lora", "regmean"],
+                        choices=sorted(METHODS))
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.1])
+    parser.add_argument("--run-config", default="", help="overrides for every run, e.g. \"num-tasks=2\"")
+    parser.add_argument("--supernodes", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for beta in args.betas:
+        for strategy in args.strategies:
+            started = time.perf_counter()
+            rows.append(run_one(f"{strategy}-beta{beta}", strategy, beta, args.run_config, args.out, args.supernodes))
+            print(f"{strategy} beta {beta}: FAA {rows[-1]['faa']:.2f}% ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+            write_table(rows, args.out)
+    plot(rows, args.out)
+    print((args.out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
