@@ -45,3 +45,14 @@ def test_node_config_checks_partition_range_and_ignores_unknown_keys():
 
 def test_factor_schedule_alternates_starting_with_b():
     assert RunConfig(rounds_per_task=5).factor_schedule == ["B", "A", "B", "A", "B"]
+
+
+def test_paper_configs_are_valid_run_configs():
+    """configs/paper/*.toml override pyproject's defaults; every key must exist and every value be in range."""
+    root = Path(__file__).resolve().parents[1]
+    defaults = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    files = sorted((root / "configs" / "paper").glob("*.toml"))
+    assert len(files) == 6
+    for path in files:
+        run = RunConfig.parse(defaults | tomllib.loads(path.read_text()), source=path.name)
+        assert run.backbone == "vit_base_patch16_224.augreg_in21k" and run.num_tasks == 10 and run.min_clients == 10
