@@ -160,8 +160,9 @@ class LocalWork:
             num_examples=n,
             grams=grams,
             trained={f: get_factors(model, f) for f in order.factor},
-            head_weight=model.head.weight[lo:hi].detach().cpu(),
-            head_bias=model.head.bias[lo:hi].detach().cpu(),
+            # Copies: on CPU .cpu() is a view of the live parameters, which the next round trains in place.
+            head_weight=model.head.weight[lo:hi].detach().cpu().clone(),
+            head_bias=model.head.bias[lo:hi].detach().cpu().clone(),
             train_loss=loss,
             projected=projected,
         )

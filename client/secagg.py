@@ -94,8 +94,9 @@ def _contribution(context: Context, kind: str, parameters, manifest: bytes) -> d
         order = RoundOrder.from_wire(arrays, config, ROUND_ORDER)
         reply = work.train_round(order)
         shared = order.A if order.factor == "B" else order.B
+        assert reply.head_weight is not None and reply.head_bias is not None  # a round's reply has the head
         terms = round_contribution(
-            order.factor, reply.trained[order.factor], shared, reply.grams, reply.head_weight, reply.head_bias,  # type: ignore[arg-type]
+            order.factor, reply.trained[order.factor], shared, reply.grams, reply.head_weight, reply.head_bias,
             reply.num_examples, reply.train_loss,
         )
         what = f"task {order.task} round {order.factor} on {reply.num_examples} samples, loss {reply.train_loss:.4f}"

@@ -100,6 +100,12 @@ class RunConfig(_Config):
             raise ValueError("privacy 'secagg' needs min-clients >= 2: the sum of one client is that client's data")
         if self.privacy == "secagg" and self.strategy != "lorm":
             raise ValueError(f"privacy 'secagg' is implemented for strategy 'lorm' only, not {self.strategy!r}")
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        for key, value in (("secagg-num-shares", shares), ("secagg-reconstruction-threshold", threshold)):
+            if value > 1 and value != int(value):
+                raise ValueError(f"{key} {value}: a fraction of the clients (<= 1) or a whole count")
+        if 1 < shares < 3 or 1 < shares <= threshold:  # what Flower's SecAggPlusWorkflow refuses at run time
+            raise ValueError("secagg-num-shares as a count must be >= 3 and above secagg-reconstruction-threshold")
         return self
 
     @property

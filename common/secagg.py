@@ -65,7 +65,8 @@ def round_layout(
             out[f"num/{name}"], out[f"den/{name}"] = (d_out, rank), (rank * (rank + 1) // 2,)
         else:
             out[f"num/{name}"], out[f"den/{name}"] = (rank, d_in), _gram_shape(d_in, dense[name])
-    out["head/WG"], out["head/G"], out["head/nb"] = (head_rows, head_d), _gram_shape(head_d, dense["head"]), (head_rows,)
+    out["head/WG"], out["head/nb"] = (head_rows, head_d), (head_rows,)
+    out["head/G"] = _gram_shape(head_d, dense["head"])
     out[COUNT_N], out[COUNT_NLOSS] = (1,), (1,)
     return out
 

@@ -65,7 +65,7 @@ class Deployment:
     base_env: dict = field(repr=False)
     connection: str = CONNECTION
 
-    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout)
 
@@ -92,7 +92,7 @@ class Deployment:
             return 0
         return sum(n["status"] == "online" for n in json.loads(out.stdout)["nodes"])
 
-    def wait_for_nodes(self, k: int, nodes: list[subprocess.Popen], timeout: float = 60.0) -> None:
+    def wait_for_nodes(self, k: int, nodes: list[subprocess.Popen], timeout: float = 180.0) -> None:
         """Until k SuperNodes are online: a run started earlier would wait for them a round timeout long."""
         deadline = time.monotonic() + timeout
         while (online := self.nodes_online()) < k:
@@ -125,7 +125,9 @@ def local_deployment(workdir: Path, k: int, *, tls: Path | None = None, auth: bo
     if auth and tls is None:
         raise ValueError("SuperNode authentication needs TLS: pass tls=<folder from deploy/certs.sh>")
     hosts = hosts or loopback(k)
-    workdir = workdir.resolve()
+    if len(hosts.nodes) != k:
+        raise ValueError(f"{len(hosts.nodes)} SuperNode hosts for {k} SuperNodes")
+    workdir, tls = workdir.resolve(), tls.resolve() if tls else None
     _fresh(workdir)
     base_env = os.environ | OFFLINE | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     procs = Processes(workdir)
@@ -144,7 +146,7 @@ def local_deployment(workdir: Path, k: int, *, tls: Path | None = None, auth: bo
         )
         print(f"[deploy] SuperLink pid {superlink.pid} on {link.address}:{port}"
               f"{' (TLS' + (' + SuperNode auth)' if auth else ')') if tls else ''}", flush=True)
-        wait_for_port(link.address, port, superlink)
+        wait_for_port(link.address, port, superlink, timeout=120)  # imports alone take 20 s on a busy 2-core box
 
         address = f"{link.address}:{port}"
         cli = workdir / "cli"

@@ -67,16 +67,22 @@ def _end(procs: list[psutil.Process], timeout: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the process group, then its detached descendants; SIGKILL whatever lingers."""
-    children = _descendants(proc.pid)  # before the parent dies and they are re-parented out of reach
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def stop(*procs: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM each process group at once, then their detached descendants; SIGKILL whatever lingers."""
+    children = [c for p in procs for c in _descendants(p.pid)]  # before they are re-parented out of reach
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
         try:
-            proc.wait(timeout=timeout)
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for p in live:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     _end([c for c in children if c.is_running()], timeout=5)
 
 
@@ -95,7 +101,7 @@ def processes_under(home: Path) -> list[psutil.Process]:
 
 
 class Processes:
-    """The processes one runner started, each logging to a file, stopped in reverse order."""
+    """The processes one runner started, each logging to a file, stopped together."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -110,8 +116,7 @@ class Processes:
         return proc
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            stop(proc)
+        stop(*self.procs)
         _end(processes_under(self.workdir), timeout=5)
 
 
@@ -121,11 +126,23 @@ def flwr_run(env: dict, connection: str, app: Path, run_config: str, extra: list
     if run_config:
         cmd += ["--run-config", run_config]
     run_id = None
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
         for line in proc.stdout:
             (stream_to or sys.stdout).write(line)
             if "Successfully started run" in line:
                 run_id = line.split()[-1]
+        proc.wait()
+    finally:
+        # Interrupted (Ctrl-C, SIGTERM): `flwr run --stream` would otherwise keep streaming until the run ends.
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdout.close()
     if run_id is None:
         raise RuntimeError(f"`flwr run` did not start a run (exit code {proc.returncode})")
     return run_id

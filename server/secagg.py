@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from logging import INFO
+from logging import WARNING
 from typing import NamedTuple
 
 import numpy as np
@@ -158,7 +158,10 @@ class SecAggLoRMStrategy(LoRMStrategy):
             exponents = exponents_from_probe(probe.vectors[0], keys)
             total = summer({KIND: kind, EXCHANGE: exchange, PHASE: SUM, EXPONENTS: json.dumps(exponents)}, None)
             if total.clients < self.run.min_clients:
-                raise RoundFailed(f"{total.clients} clients in the secure sum, min-clients is {self.run.min_clients}")
+                raise RoundFailed(
+                    f"task {s.task} round {s.round}: {total.clients} clients in the secure sum, "
+                    f"min-clients is {self.run.min_clients}"
+                )
             sums = decode(total.vectors, exponents, layout)
         except SecAggError as err:
             raise RoundFailed(f"task {s.task} round {s.round}: unusable secure sum: {err}") from None
@@ -168,7 +171,7 @@ class SecAggLoRMStrategy(LoRMStrategy):
         if not round(n) >= 1:
             raise RoundFailed(f"task {s.task} round {s.round}: secure sum holds {n:.3g} samples")
         for f in total.failures:
-            log(INFO, "left out of task %d round %d's secure sum: %s", s.task, s.round, f)
+            log(WARNING, "left out of task %d round %d's secure sum: %s", s.task, s.round, f)
         record = {
             "clients": total.clients, "dropped": total.dropped,
             "train_loss": float(sums[COUNT_NLOSS].item()) / round(n) if COUNT_NLOSS in sums else float("nan"),

@@ -50,7 +50,12 @@ class FlowerTransport:
             Message(RecordDict({"arrays": record, "config": conf}), dst_node_id=node, message_type=kind)
             for node in self._nodes()
         ]
-        return [_unwrap(msg, max_reply_bytes) for msg in self.grid.send_and_receive(messages, timeout=self.timeout)]
+        replies = [_unwrap(msg, max_reply_bytes) for msg in self.grid.send_and_receive(messages, timeout=self.timeout)]
+        answered = {node for node, _ in replies}
+        # A node that died or hung gives no reply at all; say so, so the round's log names it.
+        silent = [(m.metadata.dst_node_id, f"no reply within {self.timeout:.0f} s (node gone or too slow)")
+                  for m in messages if m.metadata.dst_node_id not in answered]
+        return replies + silent
 
 
 def _unwrap(msg: Message, limit: int) -> Envelope:

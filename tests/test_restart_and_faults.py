@@ -6,7 +6,7 @@ import torch
 from common.config import RunConfig
 from server.state import CheckpointError, ServerState
 from server.transport import RoundFailed
-from tests.inprocess import InProcessTransport, strategy_for
+from deploy.inprocess import InProcessTransport, strategy_for
 
 RUN = RunConfig(
     backbone="vit_tiny_test", img_size=32, classes_per_task=5, num_tasks=2, rounds_per_task=3, local_epochs=1,

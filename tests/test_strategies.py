@@ -5,7 +5,7 @@ import torch
 
 from common.config import RunConfig
 from common.methods import METHODS
-from tests.inprocess import InProcessTransport, strategy_for
+from deploy.inprocess import InProcessTransport, strategy_for
 
 BASE = dict(
     backbone="vit_tiny_test", img_size=32, classes_per_task=5, num_tasks=2, rounds_per_task=2, local_epochs=1,

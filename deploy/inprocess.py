@@ -1,7 +1,10 @@
-"""An in-process federation for tests: the strategy's schedule against K LocalWork clients, no Flower runtime.
+"""An in-process federation: the strategy's schedule against K LocalWork clients in one process, no Flower runtime.
 
-Orders and replies go through the same wire form (``LocalWork.respond``) as over Flower; a client whose
-``respond`` raises becomes a "client error" envelope, as Flower turns a crashed ClientApp into an error reply.
+For tests (faults injected per call) and for quick method comparisons (bench/compare_strategies.py
+--in-process). Orders and replies go through the same wire form (``LocalWork.respond``) as over Flower, so the
+merges, the validation and the byte counts are those of a real run; only Flower's transport and process
+start-up are missing. A client whose ``respond`` raises becomes a "client error" envelope, as Flower turns a
+crashed ClientApp into an error reply.
 """
 
 from __future__ import annotations
