@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 
+import psutil
 import pytest
 
 from deploy.local import Host, local_deployment
@@ -51,18 +52,37 @@ def _check_two_task_results(folder, k):
     assert {r["clients"] for r in rounds} == {str(k)}  # every round merged every SuperNode
 
 
-def _check_all_stopped(dep):
-    assert len(dep.procs.procs) >= 3  # SuperLink + SuperNodes
+def _tree(dep):
+    """PIDs of every process the deployment started and of their descendants (SuperExecs) at this moment."""
+    pids = set()
+    for proc in dep.procs.procs:
+        pids.add(proc.pid)
+        if proc.poll() is None:
+            pids.update(c.pid for c in psutil.Process(proc.pid).children(recursive=True))
+    return pids
+
+
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _check_all_stopped(dep, seen):
+    assert len(dep.procs.procs) >= 3 and len(seen) > len(dep.procs.procs)  # SuperLink, SuperNodes, SuperExecs
     assert [p.returncode is None for p in dep.procs.procs] == [False] * len(dep.procs.procs)
-    # SuperExecs, ServerApp and ClientApp processes live in sessions of their own: find them by FLWR_HOME
+    assert [pid for pid in seen if _alive(pid)] == []
+    # SuperExecs, ServerApp and ClientApp processes run in sessions of their own: look them up by FLWR_HOME too
     assert processes_under(dep.workdir) == []
 
 
 def test_local_deployment_three_supernodes(tmp_path):
     with local_deployment(tmp_path / "deploy", K, node_config=NODE_CONFIG) as dep:
         folder = _run(dep, tmp_path / "outputs", K)
+        seen = _tree(dep)
     _check_two_task_results(folder, K)
-    _check_all_stopped(dep)
+    _check_all_stopped(dep, seen)
 
 
 def test_network_namespaces(tmp_path):
@@ -77,11 +97,12 @@ def test_network_namespaces(tmp_path):
             folder = _run(dep, tmp_path / "outputs", K)
             # bytes each SuperNode namespace sent into the bridge: its replies (~3.5 MB per round) crossed it
             sent = [int(open(f"/sys/class/net/{h.iface}/statistics/rx_bytes").read()) for h in hosts.nodes]
+            seen = _tree(dep)
     except NetnsUnavailable as err:
         pytest.skip(str(err))
     assert min(sent) > 4 * 3_000_000, sent
     _check_two_task_results(folder, K)
-    _check_all_stopped(dep)
+    _check_all_stopped(dep, seen)
     tag = hosts.link.prefix[-1].split("-")[1]  # namespaces lorm-<tag>-*, interfaces lf*<tag>*
     assert f"lorm-{tag}" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert tag not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
@@ -106,9 +127,10 @@ def test_tls_and_supernode_auth(tmp_path):
         assert dep.nodes_online() == k
 
         folder = _run(dep, tmp_path / "outputs", k, tasks=1, rounds=1)
+        seen = _tree(dep)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert [len(row) for row in metrics["acc_matrix"]] == [1]
     assert metrics["faa"] > 40.0, metrics  # 5 classes: chance is 20%
     with open(folder / "rounds.csv") as f:
         assert [r["clients"] for r in csv.DictReader(f)] == [str(k)]
-    _check_all_stopped(dep)
+    _check_all_stopped(dep, seen)

@@ -40,3 +40,13 @@ def test_a_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path, caplog):
     stream = load_or_build(tmp_path, "tiny", args, lambda: rebuilt.append(1) or tiny_stream())
     assert rebuilt == [1] and isinstance(stream, Stream)
     assert "unreadable" in caplog.text
+
+
+def test_the_key_changes_with_the_data_code(tmp_path, monkeypatch):
+    """A change to how streams are built (e.g. which domains) must never reuse a stream built the old way."""
+    import common.data.cache as cache
+
+    before = cache_path(tmp_path, "tiny", {"img_size": 4})
+    real = cache.Path.read_bytes
+    monkeypatch.setattr(cache.Path, "read_bytes", lambda self: real(self) + b"# edited")
+    assert cache_path(tmp_path, "tiny", {"img_size": 4}) != before

@@ -2,8 +2,9 @@
 
 A deployed SuperNode runs each message in a new ClientApp process, so the per-process ``load_stream`` cache
 is empty every time and the offline stream would be decoded and resized again (seconds per message). Only
-streams built from installed packages are cached: their inputs are fixed by package versions, which are part
-of the key, so a cached stream is never stale. Streams read from a user's ``data_dir`` are not cached.
+streams built from installed packages are cached: their inputs are fixed by the package versions and by this
+project's data code, whose hashes are part of the key, so a cached stream is never stale. Streams read from a
+user's ``data_dir`` are not cached.
 
 The cache holds pickles this process wrote itself; it is trusted local state, like a model checkpoint.
 """
@@ -37,7 +38,8 @@ def _inputs_fingerprint() -> dict:
             versions[pkg] = None
     fashion = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in FASHION_SYSTEM_DIR.glob("*")) \
         if FASHION_SYSTEM_DIR.is_dir() else []
-    return {"format": CACHE_FORMAT, "versions": versions, "fashion": fashion}
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()
+    return {"format": CACHE_FORMAT, "versions": versions, "fashion": fashion, "code": code}
 
 
 def cache_path(cache_dir: Path, name: str, kwargs: dict) -> Path:
