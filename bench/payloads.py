@@ -23,6 +23,7 @@ from common.lora import inject_lora, layer_shapes
 from common.merges import project_gram
 from common.model import FCILModel
 from common.protocol import ClientReply
+from common.wire import nbytes
 
 
 def model_shapes(name: str) -> tuple[dict[str, tuple[int, int]], int]:
@@ -32,10 +33,6 @@ def model_shapes(name: str) -> tuple[dict[str, tuple[int, int]], int]:
     model = FCILModel(net, spec.num_features, 10)
     inject_lora(model, rf"backbone\.(?:{spec.lora_pattern})", 1)
     return layer_shapes(model), spec.num_features
-
-
-def nbytes(arrays: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in arrays.values())
 
 
 def reply_bytes(shapes, d_head: int, block: int, factor: str, r: int, alpha: float, alpha_head: float,

@@ -13,7 +13,7 @@ from common.config import NodeConfig, RunConfig, resolve_device
 from common.data import client_task_indices
 from common.experiment import HEAD, Experiment, build_experiment, stable_seed
 from common.lora import get_factors, set_deltas, set_factors, set_trainable
-from common.merges import project_gram
+from common.merges import delta_sum, project_gram
 from common.lorm_manifest_pb2 import GRAMS_ORDER, ROUND_ORDER
 from common.protocol import GRAMS, TRAIN, ClientReply, RoundOrder
 from common.training import gram_pass, make_loader, train_block
@@ -29,10 +29,7 @@ def mean_delta_terms(
     if not past:
         return None, 1.0
     n = len(past) + 1
-    deltas = {
-        name: sum(b[name].to(device) @ a[name].to(device) for a, b in past) / n for name in layers
-    }
-    return deltas, 1.0 / n
+    return {name: d / n for name, d in delta_sum(past, layers, device).items()}, 1.0 / n
 
 
 @dataclass
@@ -85,10 +82,7 @@ class LocalWork:
         """What clients train on besides W0 + B A: nothing (LoRM), or the sum of the past deltas (baselines)."""
         if order.past_mode != "sum" or not order.past:
             return None
-        device = self.exp.device
-        return {
-            name: sum(b[name].to(device) @ a[name].to(device) for a, b in order.past) for name in self.exp.shapes
-        }
+        return delta_sum(order.past, self.exp.shapes, self.exp.device)
 
     def _grams(self, order: RoundOrder, indices: np.ndarray, with_head: bool) -> tuple[dict[str, Tensor], int]:
         """Grams through the model the merge is about: W0 + mean of the task deltas, the current one included

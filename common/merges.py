@@ -251,6 +251,19 @@ class TaskSums:
         return cls(dict(state["S"]), dict(state["H"]))
 
 
+def delta_sum(
+    adapters: Sequence[tuple[Mapping[str, Tensor], Mapping[str, Tensor]]],
+    names: Iterable[str],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """sum_tau B_tau A_tau per layer: (d_out, d_in), for low-rank pairs (A: (r, d_in), B: (d_out, r))."""
+    return {
+        name: sum(b[name].to(device, dtype) @ a[name].to(device, dtype) for a, b in adapters)  # type: ignore[misc]
+        for name in names
+    }
+
+
 def weighted_average(tensors: Sequence[Mapping[str, Tensor]], counts: Tensor) -> dict[str, Tensor]:
     """FedAvg: sum_i n_i T_i / sum_i n_i for every name, float64. counts: (K,) samples, positive total."""
     counts = _f64(counts)

@@ -23,6 +23,11 @@ def unflatten(prefix: str, flat: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key[len(head):]: t for key, t in flat.items() if key.startswith(head)}
 
 
+def nbytes(tensors: dict[str, Tensor]) -> int:
+    """Bytes of the tensors' data, as they travel."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _cpu(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     t = t.detach()
     if dtype is not None:

@@ -40,7 +40,8 @@ from common.secagg import (
     drop_noise_features, error_bound, exponents_from_probe, full, round_layout, task_end_layout, unpack,
 )
 from server.state import ServerState
-from server.strategy import LoRMStrategy, _cpu32, _nbytes
+from common.wire import nbytes
+from server.strategy import LoRMStrategy, _cpu32
 from server.transport import RoundFailed
 
 
@@ -176,7 +177,7 @@ class SecAggLoRMStrategy(LoRMStrategy):
             "clients": total.clients, "dropped": total.dropped,
             "train_loss": float(sums[COUNT_NLOSS].item()) / round(n) if COUNT_NLOSS in sums else float("nan"),
             "uplink_bytes_per_client": probe.masked_bytes + total.masked_bytes,
-            "downlink_bytes_per_client": _nbytes(arrays),
+            "downlink_bytes_per_client": nbytes(arrays),
         }
         return sums | {COUNT_N: torch.tensor([float(round(n))], dtype=torch.float64)}, bounds, record
 

@@ -26,14 +26,15 @@ from flwr.serverapp.strategy import Strategy
 
 from common.experiment import HEAD, Experiment, stable_seed
 from common.lora import init_adapter
-from common.merges import TaskSums, merge_head, merge_round, regmean_lowrank, weighted_average
+from common.merges import TaskSums, delta_sum, merge_head, merge_round, regmean_lowrank, weighted_average
 from common.lorm_manifest_pb2 import GRAMS_REPLY, ROUND_REPLY
 from common.protocol import GRAMS, TRAIN, ClientReply, ProtocolError, RoundOrder
 from common.validation import InvalidUpdate, validate_update
+from common.wire import nbytes
 from server.evaluation import evaluate_seen
 from server.report import RunReport
 from server.state import ServerState
-from server.transport import Envelope, FlowerTransport, RoundFailed, Transport
+from server.transport import Envelope, FlowerTransport, RoundFailed, Transport, too_large
 
 
 class LoRMStrategy(Strategy):
@@ -149,13 +150,14 @@ class LoRMStrategy(Strategy):
         envelopes: (node id, (arrays, config)) as the client sent them, or (node id, reason) when unusable.
         """
         expected_factors, expected_grams = self._expected(expect_factor)
+        limit = self._max_reply_bytes(expect_factor)
         valid, dropped = [], []
         for node, content in envelopes:
             if isinstance(content, str):
                 dropped.append((node, content))
                 continue
             try:
-                reply = self._accept(node, *content, expect_factor, expected_factors, expected_grams)
+                reply = self._accept(node, *content, expect_factor, expected_factors, expected_grams, limit)
             except (InvalidUpdate, ProtocolError, KeyError, ValueError, TypeError, RuntimeError) as err:
                 dropped.append((node, f"{type(err).__name__}: {err}"))
                 continue
@@ -170,11 +172,11 @@ class LoRMStrategy(Strategy):
         return valid, len(dropped)
 
     def _accept(
-        self, node: int, arrays: dict, config: dict, expect_factor: str, expected_factors: dict, expected_grams: dict
+        self, node: int, arrays: dict, config: dict, expect_factor: str, expected_factors: dict, expected_grams: dict,
+        limit: int,
     ) -> ClientReply:
-        size = _nbytes(arrays)
-        if size > self._max_reply_bytes(expect_factor):
-            raise ProtocolError(_too_large(size, self._max_reply_bytes(expect_factor)))
+        if (size := nbytes(arrays)) > limit:
+            raise ProtocolError(too_large(size, limit))
         reply = ClientReply.from_wire(arrays, config, ROUND_REPLY if expect_factor else GRAMS_REPLY)
         if (reply.task, reply.round, reply.factor) != (self.state.task, self.state.round, expect_factor):
             raise ProtocolError(f"reply for task {reply.task} round {reply.round} factor {reply.factor!r} is stale")
@@ -231,7 +233,7 @@ class LoRMStrategy(Strategy):
     def _exchange(self, transport: Transport, kind: str, factor: str) -> tuple[list[Envelope], int]:
         arrays, config = self._order(factor).to_wire()
         limit = self._max_reply_bytes(factor)
-        return transport.exchange(kind, arrays, config, limit), _nbytes(arrays)
+        return transport.exchange(kind, arrays, config, limit), nbytes(arrays)
 
     def start(self, grid: Grid, *args, **kwargs) -> ServerState:  # type: ignore[override]
         """Run (or resume) the whole schedule over Flower; returns the final state."""
@@ -289,7 +291,7 @@ class LoRMStrategy(Strategy):
         if self.method.past_mode == "mean":
             deltas = s.sums.delta(self.run.ridge)
         else:
-            deltas = {name: sum(b[name].double() @ a[name].double() for a, b in s.past) for name in self.exp.shapes}
+            deltas = delta_sum(s.past, self.exp.shapes, dtype=torch.float64)
         row = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
         s.acc.append(row)
         result = self.report.write_results(s.acc, {"tasks_done": s.task + 1})
@@ -309,15 +311,7 @@ def _cpu32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.to(torch.float32).cpu() for name, t in tensors.items()}
 
 
-def _too_large(size: int, limit: int) -> str:
-    return f"payload of {size} bytes exceeds the {limit} a valid reply can have"
-
-
-def _nbytes(arrays: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in arrays.values())
-
-
 def _mean_upload(envelopes: list[Envelope]) -> float:
-    sizes = [_nbytes(content[0]) for _, content in envelopes if not isinstance(content, str)]
+    sizes = [nbytes(content[0]) for _, content in envelopes if not isinstance(content, str)]
     return sum(sizes) / max(len(sizes), 1)
 

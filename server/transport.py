@@ -58,6 +58,10 @@ class FlowerTransport:
         return replies + silent
 
 
+def too_large(size: int, limit: int) -> str:
+    return f"payload of {size} bytes exceeds the {limit} a valid reply can have"
+
+
 def _unwrap(msg: Message, limit: int) -> Envelope:
     node = msg.metadata.src_node_id
     if msg.has_error():
@@ -65,5 +69,5 @@ def _unwrap(msg: Message, limit: int) -> Envelope:
     if "arrays" not in msg.content or "config" not in msg.content:
         return node, f"reply lacks arrays or config: {sorted(msg.content.keys())}"
     if (size := msg.content["arrays"].count_bytes()) > limit:  # refused before it is decoded
-        return node, f"payload of {size} bytes exceeds the {limit} a valid reply can have"
+        return node, too_large(size, limit)
     return node, (msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]))
