@@ -2,6 +2,7 @@
 
     python bench/bench_merge.py                      # 12 blocks (48 layers), 10 clients, r 1/16/32, alpha 0/0.5
     python bench/bench_merge.py --blocks 2 --ranks 16   # quicker
+    python bench/bench_merge.py --device cuda           # both sides on the GPU (inputs moved there untimed)
 
 Both sides get the same inputs (float32, as they arrive on the wire) in the same process; the loop is the
 reference implementation's way: dense d_in x d_in Grams (a diagonal one expanded to a matrix), products
@@ -64,8 +65,17 @@ def naive_task(S, H):
     return {name: S[name] @ torch.linalg.pinv(dense(H[name])) for name in S}
 
 
-def measure(fn: Callable[[], dict]) -> tuple[dict, float, float]:
-    """(result, seconds, peak resident-memory growth in MB) of one call."""
+def measure(fn: Callable[[], dict], device: str) -> tuple[dict, float, float]:
+    """(result, seconds, peak memory growth in MB) of one call: accelerator memory on CUDA, else resident set."""
+    if device.startswith("cuda"):
+        fn()  # untimed: the first call pays CUDA's lazy kernel and solver-library loading
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, time.perf_counter() - started, (torch.cuda.max_memory_allocated() - base) / 2**20
     proc = psutil.Process(os.getpid())
     base = proc.memory_info().rss
     peak = [base]
@@ -114,21 +124,26 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--merges", nargs="+", default=["B", "B*", "A", "task"], choices=["B", "B*", "A", "task"],
                         help="B*: a B-round from the projections A G A^T that this project's clients send")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     shapes = layers(args.blocks)
     gen = torch.Generator().manual_seed(0)
-    print(f"{len(shapes)} layers, {args.clients} clients, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    dev = args.device
+    where = torch.cuda.get_device_name() if dev.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{len(shapes)} layers, {args.clients} clients, torch {torch.__version__}, {where}")
     print(f"{'merge':>5} {'r':>3} {'alpha':>5} {'ours s':>8} {'loop s':>8} {'speed-up':>8} {'max rel diff':>12} "
           f"{'ours MB':>8} {'loop MB':>8} {'uplink MB':>9} {'ref MB':>8} {'adapter MB':>10}")
     for alpha in args.alphas:
-        grams = [{n: client_gram(d_in, alpha, gen) for n, (_, d_in) in shapes.items()} for _ in range(args.clients)]
+        grams = [{n: client_gram(d_in, alpha, gen).to(dev) for n, (_, d_in) in shapes.items()}
+                 for _ in range(args.clients)]
         for r in args.ranks:
-            A = {n: torch.randn(r, d_in, generator=gen) / d_in**0.5 for n, (_, d_in) in shapes.items()}
+            A = {n: (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(dev) for n, (_, d_in) in shapes.items()}
             for merge in args.merges:
                 if merge == "task" and r != args.ranks[0]:
                     continue  # the cross-task merge does not depend on r
                 if merge == "task":
-                    S = {n: torch.randn(d_out, d_in, generator=gen).double() for n, (d_out, d_in) in shapes.items()}
+                    S = {n: torch.randn(d_out, d_in, generator=gen).double().to(dev)
+                         for n, (d_out, d_in) in shapes.items()}
                     H = {n: grams[0][n].double() for n in shapes}
                     ours = lambda: TaskSums(S, H).delta()  # noqa: E731
                     loop = lambda: naive_task(S, H)  # noqa: E731
@@ -136,7 +151,7 @@ def main() -> None:
                 else:
                     factor = merge[0]
                     shape = (lambda d_out, d_in: (r, d_in)) if factor == "A" else (lambda d_out, d_in: (d_out, r))
-                    trained = [{n: torch.randn(shape(*s), generator=gen) for n, s in shapes.items()}
+                    trained = [{n: torch.randn(shape(*s), generator=gen).to(dev) for n, s in shapes.items()}
                                for _ in range(args.clients)]
                     if merge == "B*":  # client-side work, not timed: each client projects its own Grams
                         sent = [{n: project_gram(A[n].double(), g[n].double()) for n in shapes} for g in grams]
@@ -145,8 +160,8 @@ def main() -> None:
                         ours = lambda: merge_round(factor, A, trained, grams)  # noqa: E731
                     loop = lambda: naive_round(factor, A, trained, grams)  # noqa: E731
                     up = uplink(shapes, merge, r, alpha)
-                fast, t_fast, m_fast = measure(ours)
-                slow, t_slow, m_slow = measure(loop)
+                fast, t_fast, m_fast = measure(ours, dev)
+                slow, t_slow, m_slow = measure(loop, dev)
                 print(f"{merge:>5} {r:>3} {alpha:>5} {t_fast:>8.3f} {t_slow:>8.3f} {t_slow / t_fast:>7.1f}x "
                       f"{max_rel_diff(fast, slow):>12.1e} {m_fast:>8.0f} {m_slow:>8.0f} {up[0] / 2**20:>9.2f} "
                       f"{up[1] / 2**20:>8.1f} {up[2] / 2**20:>10.2f}", flush=True)

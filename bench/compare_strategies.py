@@ -2,6 +2,9 @@
 
     python bench/compare_strategies.py                          # offline default, beta 0.5 and 0.1
     python bench/compare_strategies.py --betas 0.5 --run-config "num-tasks=2"
+    python bench/compare_strategies.py --tune "lr=1e-3,3e-3,1e-2"  # each strategy's lr chosen on validation
+    python bench/compare_strategies.py --tune "lr=1e-3,3e-3" --tune "alpha-head=0,0.5"   # a grid
+    python bench/compare_strategies.py --strategies lorm "lorm:alpha-head=0" fedavg-lora   # a variant row
 
 Every strategy runs as a real Flower simulation (deploy/simulate.py) with the run config's defaults from
 pyproject.toml plus the overrides given, so the seed, the splits and the backbone are the same for all of them.
@@ -9,13 +12,22 @@ pyproject.toml plus the overrides given, so the seed, the splits and the backbon
 merges and bytes, no Flower transport or process start-up, a fraction of the time on a small machine.
 Writes <out>/table.md, <out>/table.csv and <out>/faa.png; a run that fails stops the comparison with its status.
 Finished runs are reused (delete <out>/runs/<name> to redo one).
+
+``--tune KEY=V1,V2,...`` (repeatable: a grid) chooses settings separately for every strategy and beta without
+looking at the test split: each combination runs with ``validation-fraction`` of every class's training samples held out (the test split is not
+loaded into the evaluation), the combination with the best validation FAA (the first on ties) is kept, and the
+table's run then trains on all training samples with it and is evaluated on the test split. The validation FAA
+of every combination goes to <out>/tuning.md. Gram settings (alpha-*, gram-*) are not varied for methods that
+send no Grams (fedavg-lora, ffa-lora): they would not change the run. A strategy written ``NAME:KEY=VALUE ...`` is NAME with those settings added.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
+import math
 import sys
 import time
 import tomllib
@@ -30,7 +42,7 @@ from common.methods import METHODS  # noqa: E402
 from deploy.simulate import ROOT, flwr_run, run_status, simulation_superlink  # noqa: E402
 
 COLUMNS = [
-    "strategy", "beta", "faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
+    "strategy", "beta", "chosen", "faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
 ]
 
 
@@ -54,10 +66,32 @@ def run_in_process(config: str, name: str, supernodes: int) -> None:
     execute(run, name, lambda strategy: strategy.run_schedule(InProcessTransport(run, supernodes)))
 
 
+def parse_strategy(spec: str) -> tuple[str, str]:
+    """"lorm:alpha-head=0 rank=8" -> ("lorm", "alpha-head=0 rank=8"); the name must be a known method."""
+    name, _, extra = spec.partition(":")
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown strategy {name!r}; known: {sorted(METHODS)}")
+    return name, extra.strip()
+
+
+def parse_tune(spec: str) -> tuple[str, list[str]]:
+    """"lr=1e-3,3e-3" -> ("lr", ["1e-3", "3e-3"])."""
+    key, _, values = spec.partition("=")
+    if not key or not values:
+        raise argparse.ArgumentTypeError(f"--tune wants KEY=V1,V2,..., got {spec!r}")
+    return key.strip(), [v.strip() for v in values.split(",") if v.strip()]
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text).strip("-")
+
+
 def run_one(name: str, strategy: str, beta: float, overrides: str, out: Path, supernodes: int, in_process: bool) -> dict:
+    """``strategy``: a spec for parse_strategy; ``overrides``: run-config settings added for this run."""
+    method, extra = parse_strategy(strategy)
     folder = out / "runs" / name
     if not (folder / "metrics.json").exists() or json.loads((folder / "metrics.json").read_text()).get("wall_s") is None:
-        config = f"strategy='{strategy}' beta={beta} output-dir='{out / 'runs'}' run-name='{name}' {overrides}"
+        config = f"strategy='{method}' beta={beta} output-dir='{out / 'runs'}' run-name='{name}' {overrides} {extra}"
         if in_process:
             run_in_process(config, name, supernodes)
         else:
@@ -70,7 +104,7 @@ def run_one(name: str, strategy: str, beta: float, overrides: str, out: Path, su
         return sum(float(r[key]) for r in rounds) / len(rounds)
 
     return {
-        "strategy": strategy, "beta": beta, "faa": metrics["faa"], "forgetting": metrics["average_forgetting"],
+        "strategy": strategy, "beta": beta, "chosen": "", "faa": metrics["faa"], "forgetting": metrics["average_forgetting"],
         "final_acc_per_task": metrics["acc_matrix"][-1], "wall_s": metrics["wall_s"],
         "uplink_kB": mean("uplink_bytes_per_client") / 1e3, "downlink_kB": mean("downlink_bytes_per_client") / 1e3,
         "merge_ms": 1e3 * mean("merge_s"), "faa_per_task": metrics["average_accuracy_after_task"],
@@ -84,13 +118,13 @@ def write_table(rows: list[dict], out: Path) -> None:
         for row in rows:
             writer.writerow(row | {"final_acc_per_task": " ".join(f"{a:.1f}" for a in row["final_acc_per_task"])})
     lines = [
-        "| strategy | beta | FAA % | forgetting | final acc per task % | wall s | uplink kB/client/round "
-        "| downlink kB/client/round | merge ms/round |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| strategy | beta | chosen on validation | FAA % | forgetting | final acc per task % | wall s "
+        "| uplink kB/client/round | downlink kB/client/round | merge ms/round |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['strategy']} | {r['beta']} | {r['faa']:.2f} | {r['forgetting']:.2f} | "
+            f"| {r['strategy']} | {r['beta']} | {r['chosen'] or '-'} | {r['faa']:.2f} | {r['forgetting']:.2f} | "
             f"{' '.join(f'{a:.1f}' for a in r['final_acc_per_task'])} | {r['wall_s']:.0f} | {r['uplink_kB']:.1f} | "
             f"{r['downlink_kB']:.1f} | {r['merge_ms']:.1f} |"
         )
@@ -110,23 +144,74 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out / "faa.png", dpi=120)
 
 
+def grid(strategy: str, tunes: list[tuple[str, list[str]]]) -> list[str]:
+    """Every combination of the tuned settings that can change ``strategy``'s run, as run-config strings."""
+    method = METHODS[parse_strategy(strategy)[0]]
+    axes = [[f"{key}={v}" for v in values] for key, values in tunes
+            if method.round_grams or not key.startswith(("alpha-", "gram-"))]
+    return [" ".join(combo) for combo in itertools.product(*axes)]
+
+
+def tune(strategy: str, beta: float, tunes: list[tuple[str, list[str]]], args: argparse.Namespace
+         ) -> tuple[str, list[dict]]:
+    """(best settings by validation FAA, the validation rows) for one strategy and beta."""
+    rows = []
+    combos = grid(strategy, tunes)
+    for combo in combos:
+        name = f"{slug(strategy)}-beta{beta}-val-{slug(combo)}"
+        overrides = f"{args.run_config} validation-fraction={args.validation_fraction} {combo}"
+        try:
+            row = run_one(name, strategy, beta, overrides, args.out, args.supernodes, args.in_process)
+        except (RuntimeError, SystemExit) as err:  # e.g. training diverged and every reply was dropped
+            print(f"  validation {strategy} beta {beta} {combo}: failed ({err})", flush=True)
+            row = {"strategy": strategy, "beta": beta, "faa": float("nan"), "forgetting": float("nan")}
+        rows.append(row | {"chosen": combo})
+        print(f"  validation {strategy} beta {beta} {combo}: FAA {row['faa']:.2f}%", flush=True)
+    ranked = [i for i in range(len(combos)) if not math.isnan(rows[i]["faa"])]
+    if not ranked:
+        raise SystemExit(f"{strategy} beta {beta}: every validation run failed")
+    best = max(ranked, key=lambda i: (rows[i]["faa"], -i))
+    return combos[best], rows
+
+
+def write_tuning(rows: list[dict], out: Path) -> None:
+    lines = ["| strategy | beta | setting | validation FAA % | validation forgetting |", "|---|---|---|---|---|"]
+    lines += [f"| {r['strategy']} | {r['beta']} | {r['chosen']} | {r['faa']:.2f} | {r['forgetting']:.2f} |" for r in rows]
+    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", nargs="+", default=["lorm", "fedavg-lora", "ffa-lora", "regmean"],
-                        choices=sorted(METHODS))
+                        help=f"from {sorted(METHODS)}, each optionally NAME:KEY=VALUE ... (a variant row)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.1])
     parser.add_argument("--run-config", default="", help="overrides for every run, e.g. \"num-tasks=2\"")
     parser.add_argument("--supernodes", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
     parser.add_argument("--in-process", action="store_true", help="no Flower runtime: see the module docstring")
+    parser.add_argument("--tune", type=parse_tune, action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="choose KEY per strategy and beta on a validation hold-out (see above)")
+    parser.add_argument("--validation-fraction", type=float, default=0.2)
     args = parser.parse_args(argv)
+    for spec in args.strategies:
+        try:
+            parse_strategy(spec)
+        except argparse.ArgumentTypeError as e:
+            parser.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, tuning = [], []
     for beta in args.betas:
         for strategy in args.strategies:
             started = time.perf_counter()
-            rows.append(run_one(f"{strategy}-beta{beta}", strategy, beta, args.run_config, args.out, args.supernodes,
-                                args.in_process))
+            overrides, chosen = args.run_config, ""
+            if args.tune:
+                chosen, val_rows = tune(strategy, beta, args.tune, args)
+                tuning += val_rows
+                write_tuning(tuning, args.out)
+                overrides = f"{overrides} {chosen}"
+            row = run_one(f"{slug(strategy)}-beta{beta}", strategy, beta, overrides, args.out, args.supernodes,
+                          args.in_process)
+            rows.append(row | {"chosen": chosen})
             print(f"{strategy} beta {beta}: FAA {rows[-1]['faa']:.2f}% ({time.perf_counter() - started:.0f} s)",
                   flush=True)
             write_table(rows, args.out)

@@ -84,9 +84,14 @@ class LocalWork:
             return None
         return delta_sum(order.past, self.exp.shapes, self.exp.device)
 
-    def _grams(self, order: RoundOrder, indices: np.ndarray, with_head: bool) -> tuple[dict[str, Tensor], int]:
+    def _grams(
+        self, order: RoundOrder, indices: np.ndarray, with_head: bool
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Grams through the model the merge is about: W0 + mean of the task deltas, the current one included
-        (LoRM, as the paper's clients do), or the model the client trained (baselines)."""
+        (LoRM, as the paper's clients do), or the model the client trained (baselines).
+
+        Returns the Grams and, for the dense ones that saw fewer rows than half their side (so their rank is low
+        enough for an exact factor to be smaller than the packed triangle), their shrinkage alpha."""
         model, device = self.exp.model, self.exp.device
         if order.past_mode == "mean":
             deltas, scale = mean_delta_terms(order.past, list(self.exp.shapes), device)
@@ -96,10 +101,11 @@ class LocalWork:
         alpha = self.exp.alpha if with_head else {k: v for k, v in self.exp.alpha.items() if k != HEAD}
         loader = make_loader(self.exp.stream.train, indices, self.run.eval_batch_size, shuffle=False, seed=0)
         try:
-            grams, _rows = gram_pass(model, loader, alpha, passes=self.run.gram_passes, device=device)
+            grams, rows = gram_pass(model, loader, alpha, passes=self.run.gram_passes, device=device)
         finally:
             set_deltas(model, None, adapter_scale=1.0)
-        return grams, len(indices)
+        low_rank = {name: a for name, a in alpha.items() if a > 0 and 2 * rows[name] < self.exp.gram_d_in[name] + 1}
+        return grams, low_rank
 
     def respond(self, kind: str, arrays: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
         """One order in wire form (Flower message type, arrays, config) -> the reply in wire form."""
@@ -141,7 +147,7 @@ class LocalWork:
         )
         loss = train_block(model, loader, (lo, hi), epochs=self.run.local_epochs, lr=self.run.lr, device=device)
         set_deltas(model, None, adapter_scale=1.0)
-        grams, n = self._grams(order, indices, with_head=True) if self.run.method.round_grams else ({}, len(indices))
+        grams, low_rank = self._grams(order, indices, with_head=True) if self.run.method.round_grams else ({}, {})
         projected = frozenset()
         if order.factor == "B" and grams:
             # A B-round merge needs only A G A^T (A is shared): r x r numbers per layer instead of G.
@@ -151,8 +157,9 @@ class LocalWork:
             task=order.task,
             round=order.round,
             factor=order.factor,
-            num_examples=n,
+            num_examples=len(indices),
             grams=grams,
+            low_rank=low_rank,
             trained={f: get_factors(model, f) for f in order.factor},
             # Copies: on CPU .cpu() is a view of the live parameters, which the next round trains in place.
             head_weight=model.head.weight[lo:hi].detach().cpu().clone(),
@@ -164,5 +171,8 @@ class LocalWork:
     def task_end_grams(self, order: RoundOrder) -> ClientReply:
         self._block(order)
         self._load_adapter(order)
-        grams, n = self._grams(order, self._indices(order.task), with_head=False)
-        return ClientReply(task=order.task, round=order.round, factor="", num_examples=n, grams=grams)
+        indices = self._indices(order.task)
+        grams, low_rank = self._grams(order, indices, with_head=False)
+        return ClientReply(
+            task=order.task, round=order.round, factor="", num_examples=len(indices), grams=grams, low_rank=low_rank
+        )

@@ -53,6 +53,11 @@ class RunConfig(_Config):
     num_tasks: int = Field(0, ge=0, description="0 = every task the stream has")
     max_train_per_class: int = Field(0, ge=0, description="0 = no cap")
     max_test_per_class: int = Field(0, ge=0, description="0 = no cap")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="0 = evaluate on the test split; > 0 = hold out this fraction of every class's training samples "
+        "and evaluate on them instead (for choosing settings without looking at the test split)",
+    )
     rounds_per_task: int = Field(3, ge=1)
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)

@@ -11,6 +11,7 @@ from common.backbones import BACKBONES
 from common.config import RunConfig
 from common.data import Stream, load_stream
 from common.data.cache import load_or_build
+from common.data.splits import holdout_validation
 from common.lora import layer_shapes
 from common.model import FCILModel, build_model
 
@@ -77,6 +78,8 @@ def build_experiment(run: RunConfig, data_dir: str, device: str, cache_dir: str 
         stream = load_or_build(Path(cache_dir).expanduser(), run.dataset, args, lambda: load_stream(run.dataset, **args))
     else:
         stream = load_stream(run.dataset, **args)
+    if run.validation_fraction:
+        stream = holdout_validation(stream, run.validation_fraction, run.seed)
     tasks = stream.tasks[: run.num_tasks] if run.num_tasks else list(stream.tasks)
     if run.num_tasks > len(stream.tasks):
         raise ValueError(f"num-tasks {run.num_tasks} but the {run.dataset} stream has {len(stream.tasks)} tasks")

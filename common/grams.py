@@ -39,6 +39,31 @@ def shrink(G: Tensor, alpha: float) -> Tensor:
     return alpha * G + (1.0 - alpha) * torch.diag_embed(diag)
 
 
+def low_rank_factor(G: Tensor, alpha: float) -> Tensor | None:
+    """F: (d, k) with shrink(F F^T, alpha) == G to float64 rounding, where G: (d, d) is a shrunk Gram, alpha > 0.
+
+    Shrinking keeps the diagonal and scales the rest by alpha, so the raw X^T X is (G - D) / alpha + D; its rank
+    is at most the number of rows a client saw, which for the head (one row per image) is often below d. F keeps
+    the eigenvalues above rank tolerance (d * eps * the largest, numpy's matrix_rank rule), so nothing is lost
+    that float64 could represent. Returns None when k >= (d + 1) / 2, where the packed triangle is no larger, or k = 0.
+    """
+    _check_alpha("", alpha)
+    if alpha == 0.0 or G.ndim != 2:
+        raise GramError("a low-rank factor needs a dense Gram shrunk with alpha > 0")
+    G = G.to(torch.float64)
+    d = G.shape[-1]
+    D = torch.diag_embed(G.diagonal())
+    values, vectors = torch.linalg.eigh((G - D) / alpha + D)
+    keep = values > values[-1].clamp(min=0) * d * torch.finfo(torch.float64).eps
+    if not 0 < 2 * int(keep.sum()) < d + 1:  # an all-zero Gram travels packed: no (d, 0) arrays on the wire
+        return None
+    factor = vectors[:, keep] * values[keep].sqrt()
+    # A feature no sample activated must stay exactly zero: the merges treat a zero diagonal as "unseen" and
+    # solve around it, while the eigenvectors' rounding would leave ~1e-30 there, a near-singular system.
+    factor[G.diagonal() == 0] = 0
+    return factor
+
+
 @dataclass
 class GramStats:
     """Running float64 sums per layer: diag(X^T X): (d_in,) where alpha == 0, else X^T X: (d_in, d_in)."""

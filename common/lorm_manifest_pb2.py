@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13lorm_manifest.proto\x12\x07lorm.v1\"7\n\nTensorSpec\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"W\n\x08GramSpec\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x1f\n\x04\x66orm\x18\x02 \x01(\x0e\x32\x11.lorm.v1.GramForm\x12\x0c\n\x04\x64_in\x18\x03 \x01(\x03\x12\r\n\x05scale\x18\x04 \x01(\x01\"\xba\x02\n\x08Manifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x1b\n\x04kind\x18\x02 \x01(\x0e\x32\r.lorm.v1.Kind\x12\x0c\n\x04task\x18\x03 \x01(\x05\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x05 \x01(\t\x12\x10\n\x08\x63lass_lo\x18\x06 \x01(\x05\x12\x10\n\x08\x63lass_hi\x18\x07 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x03\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x10\n\x08num_past\x18\n \x01(\x05\x12$\n\x07tensors\x18\x0b \x03(\x0b\x32\x13.lorm.v1.TensorSpec\x12 \n\x05grams\x18\x0c \x03(\x0b\x32\x11.lorm.v1.GramSpec\x12$\n\tpast_mode\x18\r \x01(\x0e\x32\x11.lorm.v1.PastMode*`\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROUND_ORDER\x10\x01\x12\x0f\n\x0bROUND_REPLY\x10\x02\x12\x0f\n\x0bGRAMS_ORDER\x10\x03\x12\x0f\n\x0bGRAMS_REPLY\x10\x04*[\n\x08GramForm\x12\x19\n\x15GRAM_FORM_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x44IAGONAL\x10\x01\x12\x10\n\x0c\x44\x45NSE_PACKED\x10\x02\x12\x14\n\x10PROJECTED_PACKED\x10\x03*1\n\x08PastMode\x12\x12\n\x0ePAST_MODE_MEAN\x10\x00\x12\x11\n\rPAST_MODE_SUM\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13lorm_manifest.proto\x12\x07lorm.v1\"7\n\nTensorSpec\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"j\n\x08GramSpec\x12\r\n\x05layer\x18\x01 \x01(\t\x12\x1f\n\x04\x66orm\x18\x02 \x01(\x0e\x32\x11.lorm.v1.GramForm\x12\x0c\n\x04\x64_in\x18\x03 \x01(\x03\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x11\n\tshrinkage\x18\x05 \x01(\x01\"\xba\x02\n\x08Manifest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x1b\n\x04kind\x18\x02 \x01(\x0e\x32\r.lorm.v1.Kind\x12\x0c\n\x04task\x18\x03 \x01(\x05\x12\r\n\x05round\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x05 \x01(\t\x12\x10\n\x08\x63lass_lo\x18\x06 \x01(\x05\x12\x10\n\x08\x63lass_hi\x18\x07 \x01(\x05\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x03\x12\x12\n\ntrain_loss\x18\t \x01(\x01\x12\x10\n\x08num_past\x18\n \x01(\x05\x12$\n\x07tensors\x18\x0b \x03(\x0b\x32\x13.lorm.v1.TensorSpec\x12 \n\x05grams\x18\x0c \x03(\x0b\x32\x11.lorm.v1.GramSpec\x12$\n\tpast_mode\x18\r \x01(\x0e\x32\x11.lorm.v1.PastMode*`\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROUND_ORDER\x10\x01\x12\x0f\n\x0bROUND_REPLY\x10\x02\x12\x0f\n\x0bGRAMS_ORDER\x10\x03\x12\x0f\n\x0bGRAMS_REPLY\x10\x04*i\n\x08GramForm\x12\x19\n\x15GRAM_FORM_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x44IAGONAL\x10\x01\x12\x10\n\x0c\x44\x45NSE_PACKED\x10\x02\x12\x14\n\x10PROJECTED_PACKED\x10\x03\x12\x0c\n\x08LOW_RANK\x10\x04*1\n\x08PastMode\x12\x12\n\x0ePAST_MODE_MEAN\x10\x00\x12\x11\n\rPAST_MODE_SUM\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorm_manifest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KIND']._serialized_start=495
-  _globals['_KIND']._serialized_end=591
-  _globals['_GRAMFORM']._serialized_start=593
-  _globals['_GRAMFORM']._serialized_end=684
-  _globals['_PASTMODE']._serialized_start=686
-  _globals['_PASTMODE']._serialized_end=735
+  _globals['_KIND']._serialized_start=514
+  _globals['_KIND']._serialized_end=610
+  _globals['_GRAMFORM']._serialized_start=612
+  _globals['_GRAMFORM']._serialized_end=717
+  _globals['_PASTMODE']._serialized_start=719
+  _globals['_PASTMODE']._serialized_end=768
   _globals['_TENSORSPEC']._serialized_start=32
   _globals['_TENSORSPEC']._serialized_end=87
   _globals['_GRAMSPEC']._serialized_start=89
-  _globals['_GRAMSPEC']._serialized_end=176
-  _globals['_MANIFEST']._serialized_start=179
-  _globals['_MANIFEST']._serialized_end=493
+  _globals['_GRAMSPEC']._serialized_end=195
+  _globals['_MANIFEST']._serialized_start=198
+  _globals['_MANIFEST']._serialized_end=512
 # @@protoc_insertion_point(module_scope)

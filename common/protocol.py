@@ -26,6 +26,7 @@ from common.lorm_manifest_pb2 import (
     DIAGONAL,
     GRAMS_ORDER,
     GRAMS_REPLY,
+    LOW_RANK,
     PAST_MODE_MEAN,
     PAST_MODE_SUM,
     PROJECTED_PACKED,
@@ -36,6 +37,7 @@ from common.lorm_manifest_pb2 import (
     Manifest,
     TensorSpec,
 )
+from common.grams import low_rank_factor, shrink
 from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
 
 SCHEMA_VERSION = 1
@@ -158,7 +160,8 @@ class RoundOrder:
 @dataclass
 class ClientReply:
     """Client -> server. Grams are float64 here; on the wire diagonal ones go as they are and dense ones as
-    packed upper triangles, both in ``gram_dtype``."""
+    packed upper triangles, or, for the layers in ``low_rank`` whose raw Gram has a small enough rank, as an
+    exact factor (GramForm LOW_RANK), all in ``gram_dtype``."""
 
     task: int
     round: int
@@ -171,25 +174,32 @@ class ClientReply:
     train_loss: float = float("nan")
     projected: frozenset[str] = frozenset()  # layers whose Gram is sent as A G A^T (B-rounds)
     gram_wire_dtype: torch.dtype = torch.float64  # how the Grams travelled (bounds their rounding error)
+    low_rank: dict[str, float] = field(default_factory=dict)  # layer -> its shrinkage alpha, where worth trying
 
     @property
     def kind(self) -> int:
         return ROUND_REPLY if self.factor else GRAMS_REPLY
 
-    def _form(self, name: str, g: Tensor) -> int:
+    def _encode(self, name: str, g: Tensor) -> tuple[int, Tensor, float]:
+        """(form, wire tensor before scaling, shrinkage) of one Gram."""
         if name in self.projected:
-            return PROJECTED_PACKED
-        return DENSE_PACKED if g.ndim == 2 else DIAGONAL
+            return PROJECTED_PACKED, pack_symmetric(g), 0.0
+        if g.ndim == 1:
+            return DIAGONAL, g, 0.0
+        alpha = self.low_rank.get(name, 0.0)
+        if alpha > 0 and (factor := low_rank_factor(g, alpha)) is not None:
+            return LOW_RANK, factor, alpha
+        return DENSE_PACKED, pack_symmetric(g), 0.0
 
     def to_wire(self, gram_dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, bytes]]:
-        packed = {n: (pack_symmetric(g) if g.ndim == 2 else g) for n, g in self.grams.items()}
-        scales = {n: _wire_scale(g, gram_dtype) for n, g in packed.items()}
+        encoded = {n: self._encode(n, g) for n, g in self.grams.items()}
+        scales = {n: _wire_scale(t, gram_dtype) for n, (_, t, _) in encoded.items()}
         arrays = {k: t for f, d in self.trained.items() for k, t in flatten(f"factor.{f}", d, torch.float32).items()}
-        arrays |= flatten("gram", {n: g / scales[n] for n, g in packed.items()}, gram_dtype)
+        arrays |= flatten("gram", {n: t / scales[n] for n, (_, t, _) in encoded.items()}, gram_dtype)
         if self.head_weight is not None:
             arrays |= flatten("head", {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
         specs = tuple(
-            GramSpec(layer=n, form=self._form(n, g), d_in=g.shape[-1], scale=scales[n])
+            GramSpec(layer=n, form=encoded[n][0], d_in=g.shape[-1], scale=scales[n], shrinkage=encoded[n][2])
             for n, g in sorted(self.grams.items())
         )
         config = _pack(
@@ -216,6 +226,8 @@ class ClientReply:
                 grams[name] = unpack_symmetric(g, int(spec.d_in))
             elif spec.form == DIAGONAL and g.shape == (spec.d_in,):
                 grams[name] = g
+            elif spec.form == LOW_RANK and g.ndim == 2 and g.shape[0] == spec.d_in and 0 < spec.shrinkage <= 1:
+                grams[name] = shrink(g @ g.T, spec.shrinkage)
             else:
                 raise ProtocolError(f"Gram of {name}: form {spec.form} with shape {tuple(g.shape)}, d_in {spec.d_in}")
         head = unflatten("head", arrays)

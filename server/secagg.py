@@ -198,12 +198,14 @@ class SecAggLoRMStrategy(LoRMStrategy):
             WG, head_G = drop_noise_features(sums["head/WG"], head_G, bounds["head/G"])
             merge = RoundSums(factor, s.A if factor == "B" else s.B, self.merge_device)  # type: ignore[arg-type]
             merge.add_terms(num, den)
-            setattr(s, factor, _cpu32(merge.solve(self.run.ridge)))
+            merged = _cpu32(merge.solve(self.run.ridge))
             W, b = head_from_sums(WG, head_G, sums["head/nb"], float(sums[COUNT_N].item()), self.run.ridge)
+            head = _cpu32({"head weight": W, "head bias": b})
         except (SecAggError, MergeError) as err:
             raise RoundFailed(f"task {s.task} round {s.round}: unusable secure sum: {err}") from None
-        s.head_weight[lo:hi] = W.to(torch.float32).cpu()
-        s.head_bias[lo:hi] = b.to(torch.float32).cpu()
+        setattr(s, factor, merged)
+        s.head_weight[lo:hi] = head["head weight"]
+        s.head_bias[lo:hi] = head["head bias"]
         return record | {"merge_s": time.perf_counter() - started}
 
     def _task_end_statistics(self, transport) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import torch
@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.experiment import HEAD, Experiment, stable_seed
 from common.lora import init_adapter
-from common.merges import TaskSums, delta_sum, merge_head, merge_round, regmean_lowrank, weighted_average
+from common.merges import MergeError, TaskSums, delta_sum, merge_head, merge_round, regmean_lowrank, weighted_average
 from common.lorm_manifest_pb2 import GRAMS_REPLY, ROUND_REPLY
 from common.protocol import GRAMS, TRAIN, ClientReply, ProtocolError, RoundOrder
 from common.validation import InvalidUpdate, validate_update
@@ -198,21 +198,7 @@ class LoRMStrategy(Strategy):
         counts = torch.tensor([r.num_examples for r in replies], device=dev)
         trained = {f: [r.trained[f] for r in replies] for f in factor}
         backbone_grams = [{k: g for k, g in r.grams.items() if k != HEAD} for r in replies]
-        name = self.method.name
-        if name == "lorm":
-            shared = s.A if factor == "B" else s.B
-            merged = merge_round(factor, shared, trained[factor], backbone_grams, ridge, dev, projected=factor == "B")
-            setattr(s, factor, _cpu32(merged))
-        elif name in ("fedavg-lora", "ffa-lora"):
-            for f in factor:
-                setattr(s, f, _cpu32(weighted_average(trained[f], counts)))
-        elif name == "regmean":
-            # The round's merged delta joins the sum clients train on; the next round starts a fresh adapter.
-            A_stack, B_stack = regmean_lowrank(trained["A"], trained["B"], backbone_grams, ridge)
-            s.past.append((_cpu32(A_stack), _cpu32(B_stack)))
-            s.A, s.B = init_adapter(self.exp.shapes, self.run.rank, seed=stable_seed(self.run.seed, s.task, s.round + 1))
-        else:
-            raise ValueError(f"no server merge for strategy {name!r}")
+        SERVER_MERGES[self.method.name](self, factor, trained, backbone_grams, counts)
         weights = torch.stack([r.head_weight for r in replies]).to(dev)
         biases = torch.stack([r.head_bias for r in replies]).to(dev)
         if self.method.round_grams:
@@ -220,9 +206,10 @@ class LoRMStrategy(Strategy):
         else:
             avg = weighted_average([{"w": w, "b": b} for w, b in zip(weights, biases)], counts)
             W, b = avg["w"], avg["b"]
+        head = _cpu32({"head weight": W, "head bias": b})
         lo, hi = self.exp.block(s.task)
-        s.head_weight[lo:hi] = W.to(torch.float32).cpu()
-        s.head_bias[lo:hi] = b.to(torch.float32).cpu()
+        s.head_weight[lo:hi] = head["head weight"]
+        s.head_bias[lo:hi] = head["head bias"]
 
     def _fold_task(self, replies: list[ClientReply]) -> None:
         """S += (B A) G_total, H += G_total: the fold is linear in G, so the clients' Grams are summed first."""
@@ -246,7 +233,10 @@ class LoRMStrategy(Strategy):
         up = _mean_upload(envelopes)
         valid, dropped = self.select(envelopes, expect_factor=factor)
         merge_started = time.perf_counter()
-        self._merge_round(valid)
+        try:
+            self._merge_round(valid)
+        except MergeError as err:
+            raise RoundFailed(f"task {self.state.task} round {self.state.round}: {err}") from None
         n = sum(r.num_examples for r in valid)
         return {
             "clients": len(valid), "dropped": dropped,
@@ -307,8 +297,47 @@ class LoRMStrategy(Strategy):
         self._save()
 
 
+# -- the methods' server merges of a round's adapter factors (the head is merged the same way for all) ----------
+def _merge_lorm(strategy: LoRMStrategy, factor: str, trained: dict, grams: list[dict], counts: torch.Tensor) -> None:
+    """The round's factor in closed form; the other one is shared and stays."""
+    s = strategy.state
+    shared = s.A if factor == "B" else s.B
+    merged = merge_round(factor, shared, trained[factor], grams, strategy.run.ridge, strategy.merge_device,
+                         projected=factor == "B")
+    setattr(s, factor, _cpu32(merged))
+
+
+def _merge_average(strategy: LoRMStrategy, factor: str, trained: dict, grams: list[dict], counts: torch.Tensor) -> None:
+    """Each trained factor averaged by sample count (FedAvg-LoRA: A and B; FFA-LoRA: B)."""
+    for f in factor:
+        setattr(strategy.state, f, _cpu32(weighted_average(trained[f], counts)))
+
+
+def _merge_regmean(strategy: LoRMStrategy, factor: str, trained: dict, grams: list[dict], counts: torch.Tensor) -> None:
+    """RegMean of the clients' full deltas, kept exactly in low-rank form."""
+    s, run = strategy.state, strategy.run
+    # The round's merged delta joins the sum clients train on; the next round starts a fresh adapter.
+    A_stack, B_stack = regmean_lowrank(trained["A"], trained["B"], grams, run.ridge)
+    s.past.append((_cpu32(A_stack), _cpu32(B_stack)))
+    s.A, s.B = init_adapter(strategy.exp.shapes, run.rank, seed=stable_seed(run.seed, s.task, s.round + 1))
+
+
+RoundMerge = Callable[[LoRMStrategy, str, dict, list[dict], torch.Tensor], None]
+SERVER_MERGES: dict[str, RoundMerge] = {
+    "lorm": _merge_lorm,
+    "fedavg-lora": _merge_average,
+    "ffa-lora": _merge_average,
+    "regmean": _merge_regmean,
+}
+
+
 def _cpu32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t.to(torch.float32).cpu() for name, t in tensors.items()}
+    """The merge's result as the state keeps it; a non-finite one stops the run instead of entering the model."""
+    out = {name: t.to(torch.float32).cpu() for name, t in tensors.items()}
+    for name, t in out.items():
+        if not torch.isfinite(t).all():
+            raise MergeError(f"merged {name} is not finite in float32; the state stays at the last round")
+    return out
 
 
 def _mean_upload(envelopes: list[Envelope]) -> float:

@@ -15,7 +15,7 @@ from PIL import Image
 from common.data import STREAMS, DataError, client_task_indices, dirichlet_partition, load_stream, task_indices
 from common.data.arrays import ImageArrayDataset
 from common.data.offline import FASHION_SYSTEM_DIR, read_idx
-from common.data.splits import cap_per_class, stratified_split
+from common.data.splits import cap_per_class, holdout_validation, stratified_split
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -162,6 +162,25 @@ def test_stratified_split_is_a_seeded_disjoint_per_class_cover() -> None:
     again = stratified_split(labels, 0.2, seed=1)
     assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
     assert not np.array_equal(test, stratified_split(labels, 0.2, seed=2)[1])
+
+
+def test_validation_holdout_replaces_test_with_unseen_training_samples() -> None:
+    stream = _offline()
+    held = holdout_validation(stream, 0.3, seed=0)
+    n_train = len(stream.train_labels)
+    assert len(held.train) + len(held.test) == n_train and len(held.test) == len(held.test_labels)
+    # 20 training samples per class -> 6 held out, 14 kept, for every class
+    assert set(np.bincount(held.test_labels)) == {6} and set(np.bincount(held.train_labels)) == {14}
+    # the validation samples are training samples the clients no longer get, and no test sample is used
+    assert held.test.dataset is stream.train and held.train.dataset is stream.train
+    assert sorted(held.test.indices + held.train.indices) == list(range(n_train))
+    assert np.array_equal(stream.train_labels[held.test.indices], held.test_labels)
+    assert all(held.test[i][1] == held.test_labels[i] for i in range(0, len(held.test), 7))
+    assert held.tasks == stream.tasks
+    with pytest.raises(DataError, match="fraction"):
+        holdout_validation(stream, 1.0, seed=0)
+    with pytest.raises(DataError, match="without validation"):
+        holdout_validation(stream, 0.01, seed=0)
 
 
 def test_cap_per_class() -> None:

@@ -65,6 +65,26 @@ def test_below_min_clients_the_round_fails_and_the_checkpoint_stays_resumable(tm
     assert (resumed.state.task, resumed.state.round) == (0, 1)  # round 0 merged, round 1 to do again
 
 
+def test_a_merge_that_overflows_stops_the_run_and_never_enters_the_state(tmp_path, monkeypatch):
+    import server.strategy as strategy_module
+
+    real = strategy_module.merge_head
+    calls = []
+
+    def overflowing(*args, **kwargs):
+        W, b = real(*args, **kwargs)
+        calls.append(1)
+        return (W * 1e300 if len(calls) == 2 else W), b  # finite in float64, inf in float32
+
+    monkeypatch.setattr(strategy_module, "merge_head", overflowing)
+    folder = tmp_path / "overflow"
+    with pytest.raises(RoundFailed, match="merged head weight is not finite"):
+        strategy_for(RUN, folder).run_schedule(InProcessTransport(RUN, K))
+    resumed = strategy_for(RUN, folder)
+    assert (resumed.state.task, resumed.state.round) == (0, 1)
+    assert torch.isfinite(resumed.state.head_weight).all()
+
+
 def test_a_corrupt_or_foreign_checkpoint_is_an_error_never_a_fresh_start(tmp_path):
     folder = tmp_path / "c"
     s = strategy_for(RUN, folder)

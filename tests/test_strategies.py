@@ -35,3 +35,39 @@ def test_uplink_reflects_what_each_method_needs(tmp_path):
     assert up["ffa-lora"][0] < up["fedavg-lora"][0]
     # LoRM's B-round carries B, the r x r projections and the head's Gram: more than FFA-LoRA's B alone
     assert up["lorm"][0] > up["ffa-lora"][0]
+
+
+def test_compare_tuning_picks_the_best_validation_value_and_never_the_test_split(monkeypatch, tmp_path):
+    import argparse
+
+    import bench.compare_strategies as cs
+
+    seen = []
+
+    def fake_run_one(name, strategy, beta, overrides, out, supernodes, in_process):
+        seen.append(overrides)
+        lr = float(overrides.split("lr=")[1].split()[0])
+        return {"strategy": strategy, "beta": beta, "chosen": "", "faa": {1e-3: 10.0, 3e-3: 30.0, 1e-2: 30.0}[lr],
+                "forgetting": 0.0}
+
+    monkeypatch.setattr(cs, "run_one", fake_run_one)
+    args = argparse.Namespace(run_config="img-size=32", validation_fraction=0.3, out=tmp_path, supernodes=3,
+                              in_process=True)
+    best, rows = cs.tune("lorm:alpha-head=0", 0.5, [("lr", ["1e-3", "3e-3", "1e-2"])], args)
+    assert best == "lr=3e-3"  # the first of the tied best
+    assert all("validation-fraction=0.3" in o for o in seen) and [r["chosen"] for r in rows] == [
+        "lr=1e-3", "lr=3e-3", "lr=1e-2"]
+    assert cs.parse_strategy("lorm:alpha-head=0 rank=8") == ("lorm", "alpha-head=0 rank=8")
+    with pytest.raises(argparse.ArgumentTypeError):
+        cs.parse_strategy("fedprox")
+    assert cs.parse_tune("lr=1e-3, 3e-3") == ("lr", ["1e-3", "3e-3"])
+    tunes = [("lr", ["1e-3", "3e-3"]), ("alpha-head", ["0", "0.5"])]
+    assert cs.grid("lorm", tunes) == ["lr=1e-3 alpha-head=0", "lr=1e-3 alpha-head=0.5", "lr=3e-3 alpha-head=0",
+                                      "lr=3e-3 alpha-head=0.5"]
+    assert cs.grid("fedavg-lora", tunes) == ["lr=1e-3", "lr=3e-3"]  # sends no Grams: alpha-head changes nothing
+
+
+def test_every_method_has_exactly_one_server_merge():
+    from server.strategy import SERVER_MERGES
+
+    assert set(SERVER_MERGES) == set(METHODS)

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.grams import GramError, low_rank_factor, shrink
 from common.lorm_manifest_pb2 import GRAMS_ORDER, ROUND_ORDER, ROUND_REPLY, Manifest
 from common.protocol import MANIFEST_KEY, SCHEMA_VERSION, ClientReply, ProtocolError, RoundOrder
+from common.validation import check_gram
 from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +94,54 @@ def test_client_reply_round_trip_with_packed_head_gram():
     back32 = ClientReply.from_wire(arrays32, config32, ROUND_REPLY)
     assert back32.grams["head"].dtype == torch.float64
     torch.testing.assert_close(back32.grams["head"], head_gram, rtol=1e-6, atol=1e-5)
+
+
+def _head_reply(G: torch.Tensor, alpha: float) -> ClientReply:
+    return ClientReply(task=0, round=1, factor="A", num_examples=9, grams={"head": G}, trained={"A": {}},
+                       head_weight=torch.randn(3, G.shape[0]), head_bias=torch.randn(3), low_rank={"head": alpha})
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_low_rank_head_gram_is_exact_and_smaller(alpha):
+    """A head Gram of 9 images in 64 features has rank 9: (64, 9) numbers instead of the 2080 of the triangle."""
+    X = torch.randn(9, 64, dtype=torch.float64) * torch.rand(64, dtype=torch.float64) * 10
+    X[:, [3, 40]] = 0  # features no image activates (ReLU): their rows and columns must come back exactly 0
+    G = shrink(X.T @ X, alpha)
+    F = low_rank_factor(G, alpha)
+    assert F is not None and F.shape == (64, 9)
+    assert (F[[3, 40]] == 0).all()
+    torch.testing.assert_close(shrink(F @ F.T, alpha), G, rtol=1e-12, atol=1e-10 * G.abs().max().item())
+    arrays, config = _head_reply(G, alpha).to_wire(torch.float32)
+    assert arrays["gram/head"].shape == (64, 9)
+    back = ClientReply.from_wire(arrays, config, ROUND_REPLY).grams["head"]
+    torch.testing.assert_close(back, G, rtol=1e-5, atol=1e-5 * G.abs().max().item())
+    check_gram("c", "head", back, torch.finfo(torch.float32).eps)
+    assert (back[[3, 40]] == 0).all() and (back[:, [3, 40]] == 0).all()
+    # Changing the shrinkage on the wire changes the statistic: it is really used, not a label.
+    assert not torch.allclose(shrink(F @ F.T, alpha / 2), G)
+
+
+def test_full_rank_or_zero_head_gram_stays_packed():
+    full = _sym(8, n=50)
+    assert low_rank_factor(shrink(full, 0.5), 0.5) is None
+    assert low_rank_factor(torch.zeros(8, 8, dtype=torch.float64), 0.5) is None
+    arrays, _ = _head_reply(shrink(full, 0.5), 0.5).to_wire(torch.float32)
+    assert arrays["gram/head"].shape == (36,)
+    with pytest.raises(GramError):
+        low_rank_factor(full, 0.0)
+
+
+def test_low_rank_gram_with_bad_shape_or_shrinkage_is_refused():
+    X = torch.randn(3, 16, dtype=torch.float64)
+    arrays, config = _head_reply(shrink(X.T @ X, 0.5), 0.5).to_wire(torch.float32)
+    with pytest.raises(ProtocolError, match="form"):
+        m = Manifest.FromString(config[MANIFEST_KEY])
+        m.grams[0].shrinkage = 0.0
+        ClientReply.from_wire(arrays, {MANIFEST_KEY: m.SerializeToString()}, ROUND_REPLY)
+    with pytest.raises(ProtocolError, match="form"):
+        m = Manifest.FromString(config[MANIFEST_KEY])
+        m.grams[0].d_in = 15
+        ClientReply.from_wire(arrays, {MANIFEST_KEY: m.SerializeToString()}, ROUND_REPLY)
 
 
 def test_projected_grams_travel_as_packed_r_by_r_and_are_marked():
