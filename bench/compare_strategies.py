@@ -42,7 +42,7 @@ from common.methods import METHODS  # noqa: E402
 from deploy.simulate import ROOT, flwr_run, run_status, simulation_superlink  # noqa: E402
 
 COLUMNS = [
-    "strategy", "beta", "chosen", "faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
+    "strategy", "beta", "chosen", "faa", "task_aware_faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
 ]
 
 
@@ -104,7 +104,8 @@ def run_one(name: str, strategy: str, beta: float, overrides: str, out: Path, su
         return sum(float(r[key]) for r in rounds) / len(rounds)
 
     return {
-        "strategy": strategy, "beta": beta, "chosen": "", "faa": metrics["faa"], "forgetting": metrics["average_forgetting"],
+        "strategy": strategy, "beta": beta, "chosen": "", "faa": metrics["faa"],
+        "task_aware_faa": metrics.get("task_aware_faa", float("nan")), "forgetting": metrics["average_forgetting"],
         "final_acc_per_task": metrics["acc_matrix"][-1], "wall_s": metrics["wall_s"],
         "uplink_kB": mean("uplink_bytes_per_client") / 1e3, "downlink_kB": mean("downlink_bytes_per_client") / 1e3,
         "merge_ms": 1e3 * mean("merge_s"), "faa_per_task": metrics["average_accuracy_after_task"],
@@ -118,13 +119,14 @@ def write_table(rows: list[dict], out: Path) -> None:
         for row in rows:
             writer.writerow(row | {"final_acc_per_task": " ".join(f"{a:.1f}" for a in row["final_acc_per_task"])})
     lines = [
-        "| strategy | beta | chosen on validation | FAA % | forgetting | final acc per task % | wall s "
-        "| uplink kB/client/round | downlink kB/client/round | merge ms/round |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | beta | chosen on validation | FAA % | task-aware FAA % | forgetting | final acc per task % "
+        "| wall s | uplink kB/client/round | downlink kB/client/round | merge ms/round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['strategy']} | {r['beta']} | {r['chosen'] or '-'} | {r['faa']:.2f} | {r['forgetting']:.2f} | "
+            f"| {r['strategy']} | {r['beta']} | {r['chosen'] or '-'} | {r['faa']:.2f} | {r['task_aware_faa']:.2f} | "
+            f"{r['forgetting']:.2f} | "
             f"{' '.join(f'{a:.1f}' for a in r['final_acc_per_task'])} | {r['wall_s']:.0f} | {r['uplink_kB']:.1f} | "
             f"{r['downlink_kB']:.1f} | {r['merge_ms']:.1f} |"
         )

@@ -45,7 +45,8 @@ def low_rank_factor(G: Tensor, alpha: float) -> Tensor | None:
     Shrinking keeps the diagonal and scales the rest by alpha, so the raw X^T X is (G - D) / alpha + D; its rank
     is at most the number of rows a client saw, which for the head (one row per image) is often below d. F keeps
     the eigenvalues above rank tolerance (d * eps * the largest, numpy's matrix_rank rule), so nothing is lost
-    that float64 could represent. Returns None when k >= (d + 1) / 2, where the packed triangle is no larger, or k = 0.
+    that float64 could represent. Returns None when k >= (d + 1) / 2, where the packed triangle is no larger, when
+    k = 0, or when the eigensolver does not converge: the caller then sends the packed triangle, also exact.
     """
     _check_alpha("", alpha)
     if alpha == 0.0 or G.ndim != 2:
@@ -53,7 +54,10 @@ def low_rank_factor(G: Tensor, alpha: float) -> Tensor | None:
     G = G.to(torch.float64)
     d = G.shape[-1]
     D = torch.diag_embed(G.diagonal())
-    values, vectors = torch.linalg.eigh((G - D) / alpha + D)
+    try:
+        values, vectors = torch.linalg.eigh((G - D) / alpha + D)
+    except torch.linalg.LinAlgError:  # LAPACK did not converge (badly scaled features): the packed form is exact
+        return None
     keep = values > values[-1].clamp(min=0) * d * torch.finfo(torch.float64).eps
     if not 0 < 2 * int(keep.sum()) < d + 1:  # an all-zero Gram travels packed: no (d, 0) arrays on the wire
         return None

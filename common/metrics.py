@@ -2,7 +2,7 @@
 
 ``acc[t][j]`` is the accuracy (in %) on task j's test classes measured after training task t, for j <= t;
 entries with j > t are undefined (NaN). Predictions are argmax over every class seen so far, so a task's
-accuracy already includes confusion with the other tasks' classes.
+accuracy already includes confusion with the other tasks' classes; the task-aware accuracy leaves that out.
 """
 
 from __future__ import annotations
@@ -35,6 +35,24 @@ def average_forgetting(acc: np.ndarray | list[list[float]]) -> float:
         return 0.0
     drops = [np.max(a[j:last, j]) - a[last, j] for j in range(last)]
     return float(np.mean(drops))
+
+
+def task_aware_accuracy_per_task(logits: np.ndarray, labels: np.ndarray, tasks: list[list[int]]) -> list[float]:
+    """Accuracy (%) on each task's classes when the task is known: argmax within its own block of logits.
+
+    logits: (N, C) over global class ids; labels: (N,). Never below the class-incremental accuracy of the same
+    samples (a right global argmax is also right within the block), so the gap between the two is what the
+    confusion between tasks' blocks costs.
+    """
+    out = []
+    for classes in tasks:
+        mask = np.isin(labels, classes)
+        if not mask.any():
+            raise ValueError(f"no test samples for classes {classes[0]}..{classes[-1]}")
+        block = np.asarray(classes)
+        predictions = block[np.argmax(logits[mask][:, block], axis=1)]
+        out.append(float(100.0 * np.mean(predictions == labels[mask])))
+    return out
 
 
 def accuracy_per_task(

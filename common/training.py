@@ -87,11 +87,12 @@ def gram_pass(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, num_seen: int, *, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax over the classes seen so far (0..num_seen-1). Returns (predictions, labels), both (N,)."""
-    preds, labels = [], []
+def predict_logits(
+    model: nn.Module, loader: DataLoader, num_seen: int, *, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of the classes seen so far (0..num_seen-1): (N, num_seen), and the labels: (N,)."""
+    logits, labels = [], []
     for x, y in loader:
-        logits = model(x.to(device))[:, :num_seen]
-        preds.append(logits.argmax(dim=1).cpu())
+        logits.append(model(x.to(device))[:, :num_seen].float().cpu())
         labels.append(y)
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()

@@ -8,14 +8,15 @@ from torch import Tensor
 
 from common.experiment import Experiment
 from common.lora import set_deltas
-from common.metrics import accuracy_per_task
-from common.training import make_loader, predict
+from common.metrics import accuracy_per_task, task_aware_accuracy_per_task
+from common.training import make_loader, predict_logits
 
 
 def evaluate_seen(
     exp: Experiment, deltas: dict[str, Tensor], head_weight: Tensor, head_bias: Tensor, upto_task: int
-) -> list[float]:
-    """Accuracy (%) on tasks 0..upto_task of W0 + deltas with the given head, argmax over all classes seen.
+) -> tuple[list[float], list[float]]:
+    """Accuracy (%) on tasks 0..upto_task of W0 + deltas with the given head: argmax over all classes seen
+    (class-incremental, the method's metric), and argmax within each task's own block (task-aware, a diagnostic).
 
     The live adapter is switched off (scale 0): after a task end its delta is already inside ``deltas``.
     """
@@ -29,7 +30,7 @@ def evaluate_seen(
         with torch.no_grad():
             model.head.weight.copy_(head_weight)
             model.head.bias.copy_(head_bias)
-        preds, labels = predict(model, loader, num_seen=int(seen.max()) + 1, device=device)
+        logits, labels = predict_logits(model, loader, num_seen=int(seen.max()) + 1, device=device)
     finally:
         set_deltas(model, None, adapter_scale=1.0)
-    return accuracy_per_task(preds, labels, tasks)
+    return accuracy_per_task(logits.argmax(axis=1), labels, tasks), task_aware_accuracy_per_task(logits, labels, tasks)

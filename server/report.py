@@ -4,7 +4,8 @@
         config.json       the validated run config
         rounds.csv        one line per round: task, round, factor, clients, loss, bytes, merge and wall time
         acc_matrix.csv    acc[t][j] (%) after task t on task j's classes (empty when j > t)
-        metrics.json      FAA, average forgetting, accuracy per task after each task, the matrix, wall time
+        metrics.json      FAA, average forgetting, accuracy per task after each task, the matrix, wall time, and
+                          the task-aware FAA and matrix (argmax within each task's classes: a diagnostic)
         acc_matrix.png    heatmap of the matrix
         faa.png           average accuracy over the tasks seen, after each task
         state.pt          the server checkpoint (see server/state.py)
@@ -40,15 +41,18 @@ def square(acc: list[list[float]]) -> np.ndarray:
     return out
 
 
-def summary(acc: list[list[float]]) -> dict[str, Any]:
+def summary(acc: list[list[float]], task_aware: list[list[float]] | None = None) -> dict[str, Any]:
     matrix = square(acc)
-    return {
+    result = {
         "faa": average_accuracy(matrix),
         "average_forgetting": average_forgetting(matrix),
         "average_accuracy_after_task": [average_accuracy(matrix, t) for t in range(len(acc))],
         "final_accuracy_per_task": list(matrix[-1]),
         "acc_matrix": acc,
     }
+    if task_aware and len(task_aware) == len(acc):
+        result |= {"task_aware_faa": average_accuracy(square(task_aware)), "task_aware_acc_matrix": task_aware}
+    return result
 
 
 class RunReport:
@@ -66,8 +70,10 @@ class RunReport:
             writer.writeheader()
             writer.writerows(history)
 
-    def write_results(self, acc: list[list[float]], extra: dict[str, Any]) -> dict[str, Any]:
-        result = summary(acc) | extra
+    def write_results(
+        self, acc: list[list[float]], extra: dict[str, Any], task_aware: list[list[float]] | None = None
+    ) -> dict[str, Any]:
+        result = summary(acc, task_aware) | extra
         (self.folder / "metrics.json").write_text(json.dumps(result, indent=2))
         matrix = square(acc)
         with open(self.folder / "acc_matrix.csv", "w", newline="") as f:

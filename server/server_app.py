@@ -40,7 +40,9 @@ def execute(run: RunConfig, name: str, drive: Callable[[LoRMStrategy], ServerSta
     )
     strategy_cls = SecAggLoRMStrategy if run.privacy == "secagg" else LoRMStrategy
     state = drive(strategy_cls(exp, report, fingerprint, merge_device=device))
-    result = report.write_results(state.acc, {"tasks_done": len(state.acc), "wall_s": time.perf_counter() - started})
+    result = report.write_results(
+        state.acc, {"tasks_done": len(state.acc), "wall_s": time.perf_counter() - started}, state.task_aware
+    )
     log(INFO, "%s finished: FAA %.2f%%, average forgetting %.2f, results in %s",
         run.strategy, result["faa"], result["average_forgetting"], report.folder)
     return result

@@ -43,6 +43,7 @@ class ServerState:
     sums: TaskSums
     past: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = field(default_factory=list)
     acc: list[list[float]] = field(default_factory=list)  # acc[t][j], j <= t
+    task_aware: list[list[float]] = field(default_factory=list)  # the same, argmax within task j's classes
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, path: Path, fingerprint: str) -> None:
@@ -58,6 +59,7 @@ class ServerState:
             "sums": self.sums.state_dict(),
             "past": self.past,
             "acc": self.acc,
+            "task_aware": self.task_aware,
             "history": self.history,
         }
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -90,5 +92,6 @@ class ServerState:
             sums=TaskSums.from_state_dict(payload["sums"]),
             past=payload["past"],
             acc=payload["acc"],
+            task_aware=payload.get("task_aware", []),  # absent from checkpoints written before it existed
             history=payload["history"],
         )

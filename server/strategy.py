@@ -282,13 +282,15 @@ class LoRMStrategy(Strategy):
             deltas = s.sums.delta(self.run.ridge)
         else:
             deltas = delta_sum(s.past, self.exp.shapes, dtype=torch.float64)
-        row = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
+        row, aware = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
         s.acc.append(row)
-        result = self.report.write_results(s.acc, {"tasks_done": s.task + 1})
+        s.task_aware.append(aware)
+        result = self.report.write_results(s.acc, {"tasks_done": s.task + 1}, s.task_aware)
         log(
             INFO,
-            "[task %d/%d done] accuracy per task %s -> average %.2f%%",
+            "[task %d/%d done] accuracy per task %s -> average %.2f%% (task-aware %.2f%%)",
             s.task + 1, len(self.exp.tasks), " ".join(f"{a:.1f}" for a in row), result["faa"],
+            result.get("task_aware_faa", math.nan),
         )
         s.task += 1
         s.round = 0

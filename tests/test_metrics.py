@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.metrics import accuracy_per_task, average_accuracy, average_forgetting
+from common.metrics import accuracy_per_task, average_accuracy, average_forgetting, task_aware_accuracy_per_task
 
 
 def test_faa_and_forgetting_by_hand():
@@ -28,3 +28,16 @@ def test_accuracy_per_task_counts_each_block():
     assert accuracy_per_task(preds, labels, [[0, 1], [2, 3]]) == pytest.approx([200 / 3, 200 / 3])
     with pytest.raises(ValueError, match="no test samples"):
         accuracy_per_task(preds, labels, [[7]])
+
+
+def test_task_aware_accuracy_takes_the_argmax_within_each_block():
+    tasks = [[0, 1], [2, 3]]
+    logits = np.array([
+        [0.0, 1.0, 5.0, 0.0],  # label 1: wrong globally (class 2), right within block 0
+        [2.0, 1.0, 0.0, 0.0],  # label 1: wrong in both
+        [0.0, 0.0, 1.0, 3.0],  # label 3: right in both
+        [9.0, 0.0, 1.0, 0.0],  # label 2: wrong globally, right within block 1
+    ])
+    labels = np.array([1, 1, 3, 2])
+    assert task_aware_accuracy_per_task(logits, labels, tasks) == [50.0, 100.0]
+    assert accuracy_per_task(logits.argmax(axis=1), labels, tasks) == [0.0, 50.0]

@@ -19,6 +19,9 @@ def test_each_strategy_runs_the_schedule(strategy, tmp_path):
     state = strategy_for(run, tmp_path / strategy).run_schedule(InProcessTransport(run, 2))
     assert [len(row) for row in state.acc] == [1, 2]
     assert all(0.0 <= a <= 100.0 for row in state.acc for a in row)
+    # knowing the task can only help: a right global argmax is right within the task's block too
+    assert [len(row) for row in state.task_aware] == [1, 2]
+    assert all(aware >= acc for r, ra in zip(state.acc, state.task_aware) for acc, aware in zip(r, ra))
     assert [h["factor"] for h in state.history] == run.factor_schedule * 2
     assert all(torch.isfinite(t).all() for a, b in state.past for t in [*a.values(), *b.values()])
     # past deltas: LoRM and the averaging baselines keep one adapter per task; RegMean one per round

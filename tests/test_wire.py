@@ -131,6 +131,20 @@ def test_full_rank_or_zero_head_gram_stays_packed():
         low_rank_factor(full, 0.0)
 
 
+def test_an_eigensolver_failure_falls_back_to_the_packed_form(monkeypatch):
+    """LAPACK's eigh can fail to converge on badly scaled Grams; the reply must still go out, exact."""
+    X = torch.randn(3, 16, dtype=torch.float64)
+    G = shrink(X.T @ X, 0.5)
+
+    def no_convergence(*args, **kwargs):
+        raise torch.linalg.LinAlgError("the algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
+    arrays, config = _head_reply(G, 0.5).to_wire(torch.float64)
+    assert arrays["gram/head"].shape == (136,)
+    assert torch.equal(ClientReply.from_wire(arrays, config, ROUND_REPLY).grams["head"], G)
+
+
 def test_low_rank_gram_with_bad_shape_or_shrinkage_is_refused():
     X = torch.randn(3, 16, dtype=torch.float64)
     arrays, config = _head_reply(shrink(X.T @ X, 0.5), 0.5).to_wire(torch.float32)
