@@ -5,6 +5,7 @@
     python bench/compare_strategies.py --tune "lr=1e-3,3e-3,1e-2"  # each strategy's lr chosen on validation
     python bench/compare_strategies.py --tune "lr=1e-3,3e-3" --tune "alpha-head=0,0.5"   # a grid
     python bench/compare_strategies.py --strategies lorm "lorm:alpha-head=0" fedavg-lora   # a variant row
+    python bench/compare_strategies.py --seeds 3          # each row: mean +- std over 3 seeds
 
 Every strategy runs as a real Flower simulation (deploy/simulate.py) with the run config's defaults from
 pyproject.toml plus the overrides given, so the seed, the splits and the backbone are the same for all of them.
@@ -17,7 +18,12 @@ Finished runs are reused (delete <out>/runs/<name> to redo one).
 looking at the test split: each combination runs with ``validation-fraction`` of every class's training samples held out (the test split is not
 loaded into the evaluation), the combination with the best validation FAA (the first on ties) is kept, and the
 table's run then trains on all training samples with it and is evaluated on the test split. The validation FAA
-of every combination goes to <out>/tuning.md. Gram settings (alpha-*, gram-*) are not varied for methods that
+of every combination goes to <out>/tuning.md (tuning uses the first seed only).
+
+``--seeds N`` repeats every table run with N seeds (the run config's, then 1, 2, ...: other client splits, adapter
+initialisations and data orders) and reports the mean, with the FAA's standard deviation: on a CPU, runs of the
+same seed can also differ by a few points, because multithreaded kernels do not add in a fixed order and training
+on a few dozen images per client amplifies the last bits. Gram settings (alpha-*, gram-*) are not varied for methods that
 send no Grams (fedavg-lora, ffa-lora): they would not change the run. A strategy written ``NAME:KEY=VALUE ...`` is NAME with those settings added.
 """
 
@@ -28,6 +34,7 @@ import csv
 import itertools
 import json
 import math
+import statistics
 import sys
 import time
 import tomllib
@@ -42,7 +49,7 @@ from common.methods import METHODS  # noqa: E402
 from deploy.simulate import ROOT, flwr_run, run_status, simulation_superlink  # noqa: E402
 
 COLUMNS = [
-    "strategy", "beta", "chosen", "faa", "task_aware_faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
+    "strategy", "beta", "chosen", "seeds", "faa", "faa_std", "task_aware_faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
 ]
 
 
@@ -112,6 +119,21 @@ def run_one(name: str, strategy: str, beta: float, overrides: str, out: Path, su
     }
 
 
+def aggregate(rows: list[dict]) -> dict:
+    """One table row from the runs of several seeds: means, and the FAA's sample standard deviation."""
+    def mean(key: str):
+        values = [r[key] for r in rows]
+        if isinstance(values[0], list):
+            return [sum(v) / len(v) for v in zip(*values)]
+        return sum(values) / len(values)
+
+    faas = [r["faa"] for r in rows]
+    spread = statistics.stdev(faas) if len(faas) > 1 else 0.0
+    keys = ("faa", "task_aware_faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB",
+            "merge_ms", "faa_per_task")
+    return rows[0] | {key: mean(key) for key in keys} | {"faa_std": spread, "seeds": len(rows)}
+
+
 def write_table(rows: list[dict], out: Path) -> None:
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
@@ -119,13 +141,15 @@ def write_table(rows: list[dict], out: Path) -> None:
         for row in rows:
             writer.writerow(row | {"final_acc_per_task": " ".join(f"{a:.1f}" for a in row["final_acc_per_task"])})
     lines = [
-        "| strategy | beta | chosen on validation | FAA % | task-aware FAA % | forgetting | final acc per task % "
+        "| strategy | beta | chosen on validation | FAA % (mean ± std over seeds) | task-aware FAA % | forgetting "
+        "| final acc per task % "
         "| wall s | uplink kB/client/round | downlink kB/client/round | merge ms/round |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['strategy']} | {r['beta']} | {r['chosen'] or '-'} | {r['faa']:.2f} | {r['task_aware_faa']:.2f} | "
+            f"| {r['strategy']} | {r['beta']} | {r['chosen'] or '-'} | {r['faa']:.2f} ± {r['faa_std']:.2f} "
+            f"({r['seeds']}) | {r['task_aware_faa']:.2f} | "
             f"{r['forgetting']:.2f} | "
             f"{' '.join(f'{a:.1f}' for a in r['final_acc_per_task'])} | {r['wall_s']:.0f} | {r['uplink_kB']:.1f} | "
             f"{r['downlink_kB']:.1f} | {r['merge_ms']:.1f} |"
@@ -139,7 +163,8 @@ def plot(rows: list[dict], out: Path) -> None:
     for ax, beta in zip(axes[0], betas):
         for r in (r for r in rows if r["beta"] == beta):
             ax.plot(range(1, len(r["faa_per_task"]) + 1), r["faa_per_task"], marker="o", label=r["strategy"])
-        ax.set(title=f"beta = {beta}", xlabel="tasks seen", ylabel="average accuracy on seen tasks (%)")
+        ax.set(title=f"beta = {beta}", xlabel="tasks seen", ylabel="average accuracy on seen tasks (%)",
+               xticks=range(1, max(len(r["faa_per_task"]) for r in rows) + 1))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -157,8 +182,10 @@ def grid(strategy: str, tunes: list[tuple[str, list[str]]]) -> list[str]:
 def tune(strategy: str, beta: float, tunes: list[tuple[str, list[str]]], args: argparse.Namespace
          ) -> tuple[str, list[dict]]:
     """(best settings by validation FAA, the validation rows) for one strategy and beta."""
-    rows = []
+    rows: list[dict] = []
     combos = grid(strategy, tunes)
+    if combos == [""]:  # nothing tuned changes this strategy
+        return "", rows
     for combo in combos:
         name = f"{slug(strategy)}-beta{beta}-val-{slug(combo)}"
         overrides = f"{args.run_config} validation-fraction={args.validation_fraction} {combo}"
@@ -194,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", type=parse_tune, action="append", default=[], metavar="KEY=V1,V2,...",
                         help="choose KEY per strategy and beta on a validation hold-out (see above)")
     parser.add_argument("--validation-fraction", type=float, default=0.2)
+    parser.add_argument("--seeds", type=int, default=1, help="table runs per row (see above)")
     args = parser.parse_args(argv)
     for spec in args.strategies:
         try:
@@ -211,11 +239,14 @@ def main(argv: list[str] | None = None) -> int:
                 tuning += val_rows
                 write_tuning(tuning, args.out)
                 overrides = f"{overrides} {chosen}"
-            row = run_one(f"{slug(strategy)}-beta{beta}", strategy, beta, overrides, args.out, args.supernodes,
-                          args.in_process)
-            rows.append(row | {"chosen": chosen})
-            print(f"{strategy} beta {beta}: FAA {rows[-1]['faa']:.2f}% ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            runs = [
+                run_one(f"{slug(strategy)}-beta{beta}" + (f"-seed{k}" if k else ""), strategy, beta,
+                        overrides + (f" seed={k}" if k else ""), args.out, args.supernodes, args.in_process)
+                for k in range(args.seeds)
+            ]
+            rows.append(aggregate(runs) | {"chosen": chosen})
+            print(f"{strategy} beta {beta}: FAA {rows[-1]['faa']:.2f} +- {rows[-1]['faa_std']:.2f}% "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
             write_table(rows, args.out)
     plot(rows, args.out)
     print((args.out / "table.md").read_text())

@@ -74,3 +74,26 @@ def test_every_method_has_exactly_one_server_merge():
     from server.strategy import SERVER_MERGES
 
     assert set(SERVER_MERGES) == set(METHODS)
+
+
+def test_compare_rows_average_the_seeds():
+    import bench.compare_strategies as cs
+
+    base = {"strategy": "lorm", "beta": 0.5, "chosen": "", "task_aware_faa": 60.0, "forgetting": 1.0, "wall_s": 10.0,
+            "uplink_kB": 1.0, "downlink_kB": 2.0, "merge_ms": 3.0}
+    runs = [base | {"faa": 30.0, "final_acc_per_task": [10.0, 50.0], "faa_per_task": [80.0, 30.0]},
+            base | {"faa": 36.0, "final_acc_per_task": [20.0, 52.0], "faa_per_task": [70.0, 36.0]}]
+    row = cs.aggregate(runs)
+    assert row["faa"] == 33.0 and row["seeds"] == 2 and row["faa_std"] == pytest.approx(18**0.5)
+    assert row["final_acc_per_task"] == [15.0, 51.0] and row["faa_per_task"] == [75.0, 33.0]
+    assert cs.aggregate(runs[:1])["faa_std"] == 0.0
+
+
+def test_compare_tuning_skips_a_strategy_that_no_tuned_setting_changes(monkeypatch, tmp_path):
+    import argparse
+
+    import bench.compare_strategies as cs
+
+    monkeypatch.setattr(cs, "run_one", lambda *a, **k: pytest.fail("no validation run is needed"))
+    args = argparse.Namespace(run_config="", validation_fraction=0.3, out=tmp_path, supernodes=3, in_process=True)
+    assert cs.tune("ffa-lora", 0.5, [("alpha-head", ["0", "0.5"])], args) == ("", [])
