@@ -95,12 +95,14 @@ def test_network_namespaces(tmp_path):
                                                       node_config=NODE_CONFIG) as dep:
             assert dep.address == f"{hosts.link.address}:8000"
             folder = _run(dep, tmp_path / "outputs", K)
-            # bytes each SuperNode namespace sent into the bridge: its replies (~3.5 MB per round) crossed it
+            # bytes each SuperNode namespace sent into the bridge: its replies crossed it
             sent = [int(open(f"/sys/class/net/{h.iface}/statistics/rx_bytes").read()) for h in hosts.nodes]
             seen = _tree(dep)
     except NetnsUnavailable as err:
         pytest.skip(str(err))
-    assert min(sent) > 4 * 3_000_000, sent
+    with open(folder / "rounds.csv") as f:
+        replies = sum(float(r["uplink_bytes_per_client"]) for r in csv.DictReader(f))
+    assert replies > 0 and min(sent) > 0.9 * replies, (sent, replies)  # 0.9: nodes' replies differ a little
     _check_two_task_results(folder, K)
     _check_all_stopped(dep, seen)
     tag = hosts.link.prefix[-1].split("-")[1]  # namespaces lorm-<tag>-*, interfaces lf*<tag>*
