@@ -46,7 +46,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.methods import METHODS  # noqa: E402
-from deploy.simulate import ROOT, flwr_run, run_status, simulation_superlink  # noqa: E402
+from deploy.processes import ROOT, flwr_run, run_status  # noqa: E402
+from deploy.simulate import simulation_superlink  # noqa: E402
 
 COLUMNS = [
     "strategy", "beta", "chosen", "seeds", "faa", "faa_std", "task_aware_faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",

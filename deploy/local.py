@@ -27,30 +27,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.hosts import Host, Hosts, loopback
+from deploy.netns import namespaces
 from deploy.processes import BIN, OFFLINE, ROOT, Processes, flwr_run, free_port, run_status, wait_for_port
 
 CONNECTION = "deploy"
 LINK_PORT = 8000  # Flower's default; used as is only where the SuperLink has a network namespace of its own
-
-
-@dataclass(frozen=True)
-class Host:
-    """Where a process runs: the address it serves on and the command prefix that puts it there."""
-
-    address: str = "127.0.0.1"
-    prefix: tuple[str, ...] = ()
-    own_network: bool = False  # a namespace of its own: default ports cannot clash with anything
-    iface: str = ""  # its link to the others, seen from the root namespace (for traffic counters)
-
-
-@dataclass(frozen=True)
-class Hosts:
-    link: Host
-    nodes: tuple[Host, ...]
-
-
-def loopback(k: int) -> Hosts:
-    return Hosts(Host(), tuple(Host() for _ in range(k)))
 
 
 @dataclass
@@ -198,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         hosts = None
         if args.netns:
-            from deploy.netns import namespaces
-
             hosts = stack.enter_context(namespaces(args.supernodes))
         certs = args.certs
         if (args.tls or args.auth) and certs is None:

@@ -19,7 +19,7 @@ import secrets
 import subprocess
 from contextlib import contextmanager
 
-from deploy.local import Host, Hosts
+from deploy.hosts import Host, Hosts
 
 
 class NetnsUnavailable(RuntimeError):

@@ -18,8 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-# Re-exported: tests and older callers import these from here.
-from deploy.processes import BIN, OFFLINE, ROOT, flwr_run, free_port, run_status, stop, wait_for_port  # noqa: F401
+from deploy.processes import BIN, OFFLINE, ROOT, flwr_run, free_port, run_status, stop, wait_for_port
 
 
 @contextmanager

@@ -16,7 +16,9 @@ import subprocess
 import psutil
 import pytest
 
-from deploy.local import Host, local_deployment
+from deploy.hosts import Host
+from deploy.local import local_deployment
+from deploy.netns import NetnsUnavailable, namespaces
 from deploy.processes import ROOT, flwr_run, processes_under, run_status
 
 K = 3
@@ -86,8 +88,6 @@ def test_local_deployment_three_supernodes(tmp_path):
 
 
 def test_network_namespaces(tmp_path):
-    from deploy.netns import NetnsUnavailable, namespaces
-
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root (ip netns add)")
     try:

@@ -300,7 +300,8 @@ def test_flower_simulation_in_secagg_mode_ends_where_the_plain_run_does(tmp_path
     import io
 
     from deploy.inprocess import InProcessTransport, strategy_for
-    from deploy.simulate import ROOT, flwr_run, run_status, simulation_superlink
+    from deploy.processes import ROOT, flwr_run, run_status
+    from deploy.simulate import simulation_superlink
 
     out_dir = tmp_path / "outputs"
     overrides = " ".join(f"{k.replace('_', '-')}={v!r}" for k, v in TINY.items() if k != "min_clients")

@@ -4,7 +4,8 @@ import csv
 import io
 import json
 
-from deploy.simulate import ROOT, flwr_run, run_status, simulation_superlink
+from deploy.processes import ROOT, flwr_run, run_status
+from deploy.simulate import simulation_superlink
 
 
 def test_federated_fcil_run_through_flower(tmp_path):
