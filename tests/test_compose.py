@@ -274,6 +274,7 @@ def _has_compose():
         ["docker", "compose", "version"], capture_output=True).returncode == 0
 
 
+@pytest.mark.containers
 @pytest.mark.skipif(not _has_compose(), reason="no `docker compose` on this machine")
 def test_docker_compose_config(certs):
     """Where Compose itself is installed, it must accept every file set (no engine needed for `config`)."""

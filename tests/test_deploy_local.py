@@ -21,6 +21,8 @@ from deploy.local import local_deployment
 from deploy.netns import NetnsUnavailable, namespaces
 from deploy.processes import ROOT, flwr_run, processes_under, run_status
 
+pytestmark = pytest.mark.deployment
+
 K = 3
 # One torch thread per ClientApp: K of them train at once on this machine.
 NODE_CONFIG = "num-threads=1"

@@ -293,6 +293,7 @@ def test_a_secagg_node_refuses_to_answer_in_clear():
 
 
 # -- end to end through Flower's simulation engine -------------------------------------------------------------------
+@pytest.mark.simulation
 def test_flower_simulation_in_secagg_mode_ends_where_the_plain_run_does(tmp_path):
     """SecAgg+ through the real runtime (SuperLink, Ray, 3 SuperNodes, one ClientApp process per message). The
     plain reference runs in process: the same schedule and clients (deploy/inprocess.py), without Flower's fixed

@@ -4,8 +4,12 @@ import csv
 import io
 import json
 
+import pytest
+
 from deploy.processes import ROOT, flwr_run, run_status
 from deploy.simulate import simulation_superlink
+
+pytestmark = pytest.mark.simulation
 
 
 def test_federated_fcil_run_through_flower(tmp_path):

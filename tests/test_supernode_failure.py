@@ -8,8 +8,12 @@ import signal
 import threading
 import time
 
+import pytest
+
 from deploy.local import local_deployment
 from deploy.processes import ROOT, flwr_run, processes_under, run_status
+
+pytestmark = pytest.mark.deployment
 
 
 def _rounds(folder):
