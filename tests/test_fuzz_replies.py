@@ -1,5 +1,6 @@
 """Fuzz: malformed replies mixed among valid ones never change the merge; each is dropped with a log line."""
 
+import itertools
 import random
 
 import pytest
@@ -24,8 +25,12 @@ def exp():
     return build_experiment(RUN, "", "cpu", "")
 
 
+_RUNS = itertools.count()
+
+
 def strategy(exp, tmp_path):
-    return LoRMStrategy(exp, RunReport(tmp_path / f"run{random.random()}"), "fuzz", merge_device="cpu")
+    """A fresh strategy with a report folder of its own."""
+    return LoRMStrategy(exp, RunReport(tmp_path / f"run{next(_RUNS)}"), "fuzz", merge_device="cpu")
 
 
 def psd(d, n=None, gen=None):

@@ -9,7 +9,7 @@ from common.data.stream import Stream
 
 
 def tiny_stream() -> Stream:
-    images = torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8)
+    images = torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = np.array([0, 1, 2, 0, 1, 2])
     data = ImageArrayDataset(images, labels, img_size=4, mean=(0.5,) * 3, std=(0.5,) * 3)
     return Stream("tiny", ["a", "b", "c"], [[0, 1, 2]], data, data, labels, labels)

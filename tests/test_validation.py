@@ -10,9 +10,10 @@ GRAM_SHAPES = {"blocks.0.qkv": (6,), "head": (5, 5)}
 
 
 def good():
-    X = torch.randn(20, 5, dtype=torch.float64)
-    tensors = {name: torch.randn(shape) for name, shape in SHAPES.items()}
-    grams = {"blocks.0.qkv": torch.rand(6, dtype=torch.float64), "head": X.T @ X}
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 5, dtype=torch.float64, generator=g)
+    tensors = {name: torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
+    grams = {"blocks.0.qkv": torch.rand(6, dtype=torch.float64, generator=g), "head": X.T @ X}
     return tensors, grams
 
 
@@ -105,5 +106,5 @@ def test_zero_samples_with_statistics_is_inconsistent():
 
 def test_a_float32_gram_of_real_data_passes_the_psd_check():
     """Float32 round-off must not make an honest Gram look indefinite (rank-deficient: 3 rows, 64 features)."""
-    X = torch.randn(3, 64)
+    X = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     check_gram("1", "l", (X.T @ X).to(torch.float32))

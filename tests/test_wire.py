@@ -14,10 +14,16 @@ from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _sym(d: int, n: int = 50) -> torch.Tensor:
-    x = torch.randn(n, d, dtype=torch.float64)
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _sym(d: int, n: int = 50, seed: int = 0) -> torch.Tensor:
+    """X^T X for a seeded X (n, d), made exactly symmetric: a multithreaded BLAS does not guarantee that
+    (X^T X)[i, j] == (X^T X)[j, i] bit for bit, and a packed round trip keeps only the upper triangle."""
+    x = torch.randn(n, d, dtype=torch.float64, generator=_gen(seed))
     g = x.T @ x
-    return (g + g.T) / 2  # exactly symmetric, so round trips can be exact
+    return (g + g.T) / 2  # a + b == b + a in floating point: exactly symmetric
 
 
 def test_symmetric_pack_round_trip_and_size():
@@ -36,9 +42,11 @@ def test_flatten_keeps_names_apart():
 
 
 def _order(**kw) -> RoundOrder:
-    base = dict(task=1, round=2, factor="B", block=(5, 9), A={"l1": torch.randn(2, 6)}, B={"l1": torch.randn(3, 2)},
-                past=[({"l1": torch.randn(2, 6)}, {"l1": torch.randn(3, 2)})], head_weight=torch.ones(4, 8),
-                head_bias=torch.zeros(4))
+    g = _gen(1)
+    base = dict(task=1, round=2, factor="B", block=(5, 9), A={"l1": torch.randn(2, 6, generator=g)},
+                B={"l1": torch.randn(3, 2, generator=g)},
+                past=[({"l1": torch.randn(2, 6, generator=g)}, {"l1": torch.randn(3, 2, generator=g)})],
+                head_weight=torch.ones(4, 8), head_bias=torch.zeros(4))
     return RoundOrder(**(base | kw))
 
 
@@ -69,9 +77,9 @@ def test_manifest_refuses_version_kind_factor_and_array_mismatch():
     with pytest.raises(ProtocolError, match="factor"):
         RoundOrder.from_wire(arrays, _with_manifest(config, factor="C"), ROUND_ORDER)
     with pytest.raises(ProtocolError, match="declared"):
-        RoundOrder.from_wire(arrays | {"A/l1": torch.randn(3, 6)}, config, ROUND_ORDER)
+        RoundOrder.from_wire(arrays | {"A/l1": torch.zeros(3, 6)}, config, ROUND_ORDER)
     with pytest.raises(ProtocolError, match="undeclared"):
-        RoundOrder.from_wire(arrays | {"A/l2": torch.randn(2, 6)}, config, ROUND_ORDER)
+        RoundOrder.from_wire(arrays | {"A/l2": torch.zeros(2, 6)}, config, ROUND_ORDER)
     with pytest.raises(ProtocolError, match="no LoRM manifest"):
         RoundOrder.from_wire(arrays, {}, ROUND_ORDER)
     with pytest.raises(ProtocolError, match="unreadable"):
@@ -79,11 +87,12 @@ def test_manifest_refuses_version_kind_factor_and_array_mismatch():
 
 
 def test_client_reply_round_trip_with_packed_head_gram():
-    head_gram = _sym(4)
-    diag = (torch.randn(40, 4, dtype=torch.float64) ** 2).sum(0)
+    g = _gen(2)
+    head_gram = _sym(4, seed=2)
+    diag = (torch.randn(40, 4, dtype=torch.float64, generator=g) ** 2).sum(0)
     reply = ClientReply(task=0, round=1, factor="A", num_examples=40, grams={"l1": diag, "head": head_gram},
-                        trained={"A": {"l1": torch.randn(2, 4)}}, head_weight=torch.randn(3, 4), head_bias=torch.randn(3),
-                        train_loss=0.5)
+                        trained={"A": {"l1": torch.randn(2, 4, generator=g)}}, head_weight=torch.randn(3, 4, generator=g),
+                        head_bias=torch.randn(3, generator=g), train_loss=0.5)
     arrays, config = reply.to_wire(torch.float64)
     assert arrays["gram/head"].shape == (10,)  # packed triangle, not 16 numbers
     back = ClientReply.from_wire(arrays, config, ROUND_REPLY)
@@ -97,14 +106,17 @@ def test_client_reply_round_trip_with_packed_head_gram():
 
 
 def _head_reply(G: torch.Tensor, alpha: float) -> ClientReply:
+    g = _gen(3)
     return ClientReply(task=0, round=1, factor="A", num_examples=9, grams={"head": G}, trained={"A": {}},
-                       head_weight=torch.randn(3, G.shape[0]), head_bias=torch.randn(3), low_rank={"head": alpha})
+                       head_weight=torch.randn(3, G.shape[0], generator=g), head_bias=torch.randn(3, generator=g),
+                       low_rank={"head": alpha})
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 def test_low_rank_head_gram_is_exact_and_smaller(alpha):
     """A head Gram of 9 images in 64 features has rank 9: (64, 9) numbers instead of the 2080 of the triangle."""
-    X = torch.randn(9, 64, dtype=torch.float64) * torch.rand(64, dtype=torch.float64) * 10
+    g = _gen(4)
+    X = torch.randn(9, 64, dtype=torch.float64, generator=g) * torch.rand(64, dtype=torch.float64, generator=g) * 10
     X[:, [3, 40]] = 0  # features no image activates (ReLU): their rows and columns must come back exactly 0
     G = shrink(X.T @ X, alpha)
     F = low_rank_factor(G, alpha)
@@ -133,8 +145,8 @@ def test_full_rank_or_zero_head_gram_stays_packed():
 
 def test_an_eigensolver_failure_falls_back_to_the_packed_form(monkeypatch):
     """LAPACK's eigh can fail to converge on badly scaled Grams; the reply must still go out, exact."""
-    X = torch.randn(3, 16, dtype=torch.float64)
-    G = shrink(X.T @ X, 0.5)
+    G = shrink(_sym(16, n=3, seed=5), 0.5)
+    assert _head_reply(G, 0.5).to_wire(torch.float64)[0]["gram/head"].shape == (16, 3)  # rank 3: low-rank form
 
     def no_convergence(*args, **kwargs):
         raise torch.linalg.LinAlgError("the algorithm failed to converge")
@@ -146,8 +158,7 @@ def test_an_eigensolver_failure_falls_back_to_the_packed_form(monkeypatch):
 
 
 def test_low_rank_gram_with_bad_shape_or_shrinkage_is_refused():
-    X = torch.randn(3, 16, dtype=torch.float64)
-    arrays, config = _head_reply(shrink(X.T @ X, 0.5), 0.5).to_wire(torch.float32)
+    arrays, config = _head_reply(shrink(_sym(16, n=3, seed=6), 0.5), 0.5).to_wire(torch.float32)
     with pytest.raises(ProtocolError, match="form"):
         m = Manifest.FromString(config[MANIFEST_KEY])
         m.grams[0].shrinkage = 0.0
@@ -159,9 +170,11 @@ def test_low_rank_gram_with_bad_shape_or_shrinkage_is_refused():
 
 
 def test_projected_grams_travel_as_packed_r_by_r_and_are_marked():
-    P = _sym(3)
-    reply = ClientReply(task=1, round=0, factor="B", num_examples=9, grams={"l1": P}, trained={"B": {"l1": torch.randn(5, 3)}},
-                        head_weight=torch.randn(2, 4), head_bias=torch.randn(2), projected=frozenset({"l1"}))
+    g = _gen(7)
+    P = _sym(3, seed=7)
+    reply = ClientReply(task=1, round=0, factor="B", num_examples=9, grams={"l1": P},
+                        trained={"B": {"l1": torch.randn(5, 3, generator=g)}}, head_weight=torch.randn(2, 4, generator=g),
+                        head_bias=torch.randn(2, generator=g), projected=frozenset({"l1"}))
     arrays, config = reply.to_wire(torch.float64)
     assert arrays["gram/l1"].shape == (6,)
     back = ClientReply.from_wire(arrays, config, ROUND_REPLY)
@@ -169,8 +182,10 @@ def test_projected_grams_travel_as_packed_r_by_r_and_are_marked():
 
 
 def test_integer_statistics_are_refused():
+    g = _gen(8)
     reply = ClientReply(task=0, round=1, factor="A", num_examples=4, grams={"l1": torch.ones(4)},
-                        trained={"A": {"l1": torch.randn(2, 4)}}, head_weight=torch.randn(1, 4), head_bias=torch.randn(1))
+                        trained={"A": {"l1": torch.randn(2, 4, generator=g)}}, head_weight=torch.randn(1, 4, generator=g),
+                        head_bias=torch.randn(1, generator=g))
     arrays, config = reply.to_wire(torch.float32)
     arrays["gram/l1"] = arrays["gram/l1"].to(torch.int32)
     manifest = Manifest.FromString(config[MANIFEST_KEY])
@@ -197,12 +212,14 @@ def test_16_bit_gram_transport_is_scaled_into_range_and_passes_validation(dtype)
     """A Gram of many tokens exceeds float16's range (65504): it travels divided by max|G|."""
     from common.validation import check_gram
 
-    x = torch.randn(5000, 6, dtype=torch.float64) * 30  # rank-deficient after adding 2 zero features
+    g = _gen(9)
+    x = torch.randn(5000, 6, dtype=torch.float64, generator=g) * 30  # rank-deficient after adding 2 zero features
     x = torch.cat([x, torch.zeros(5000, 2, dtype=torch.float64)], 1)
     G = x.T @ x
     assert G.max() > 65504
     reply = ClientReply(task=0, round=1, factor="A", num_examples=5000, grams={"head": G},
-                        trained={"A": {"l1": torch.randn(2, 4)}}, head_weight=torch.randn(1, 8), head_bias=torch.randn(1))
+                        trained={"A": {"l1": torch.randn(2, 4, generator=g)}}, head_weight=torch.randn(1, 8, generator=g),
+                        head_bias=torch.randn(1, generator=g))
     arrays, config = reply.to_wire(dtype)
     assert arrays["gram/head"].dtype == dtype and arrays["gram/head"].numel() == 36
     back = ClientReply.from_wire(arrays, config, ROUND_REPLY)
