@@ -19,6 +19,9 @@ class Crash(Exception):
     """Stands for the server process dying between two rounds."""
 
 
+# slow: three schedules (whole, cut, resumed: 48 client replies), the heaviest in-process test, ~55 s of the
+# fast tier's in-process federations (~160 s together on a busy 2-core machine); `pytest` still runs it.
+@pytest.mark.slow
 def test_a_restarted_server_resumes_where_it_stopped_and_ends_identical(tmp_path):
     whole = strategy_for(RUN, tmp_path / "whole").run_schedule(InProcessTransport(RUN, K))
 
