@@ -67,7 +67,7 @@ def import_graph() -> dict[str, set[str]]:
                     parts = dep.split(".")
                     for i in range(1, len(parts)):
                         pkg = ".".join(parts[:i])
-                        if pkg in mods and not name.startswith(pkg + "."):
+                        if pkg in mods and pkg != name and not name.startswith(pkg + "."):
                             graph[name].add(pkg)
     return graph
 
