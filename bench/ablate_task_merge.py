@@ -28,8 +28,8 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a finished LoRM run folder (config.json + state.pt)")
     args = parser.parse_args()
     run = RunConfig.parse(json.loads((args.run / "config.json").read_text()), source=str(args.run / "config.json"))
-    if run.strategy != "lorm":
-        raise SystemExit(f"{args.run} is a {run.strategy} run; the task merge ablated here is LoRM's")
+    if not run.method.task_end_grams:
+        raise SystemExit(f"{args.run} is a {run.strategy} run: it keeps no cross-task Gram sums to ablate")
     state = torch.load(args.run / "state.pt", map_location="cpu", weights_only=True)
     exp = build_experiment(run, run.data_dir, "cpu", "")
     if state["task"] != len(exp.tasks):

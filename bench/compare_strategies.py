@@ -37,7 +37,6 @@ import math
 import statistics
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import matplotlib
@@ -66,12 +65,11 @@ def run_in_process(config: str, name: str, supernodes: int) -> None:
     from flwr.common.config import parse_config_args
 
     from common.config import RunConfig
-    from deploy.inprocess import InProcessTransport
+    from deploy.inprocess import InProcessTransport, run_in_process
     from server.server_app import execute
 
-    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    run = RunConfig.parse(defaults | parse_config_args([config]), source="--run-config")
-    execute(run, name, lambda strategy: strategy.run_schedule(InProcessTransport(run, supernodes)))
+    run = RunConfig.parse(parse_config_args([config]), source="--run-config")
+    execute(run, name, lambda schedule: run_in_process(schedule, InProcessTransport(run, supernodes)))
 
 
 def parse_strategy(spec: str) -> tuple[str, str]:

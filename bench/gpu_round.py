@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from common.lora import set_trainable
-from common.model import build_model
+from common.model import HEAD, build_model
 from common.training import gram_pass, make_loader, train_block
 
 BACKBONE = "vit_base_patch16_224.augreg_in21k"
@@ -76,7 +76,7 @@ def main() -> None:
             torch.set_float32_matmul_precision(precision)
             for r in args.ranks:
                 model = build_model(BACKBONE, num_classes=100, rank=r, weights=weights).to(args.device)
-                alpha = {name: 0.0 for name in model.adapted_layers} | {"head": 0.5}
+                alpha = {name: 0.0 for name in model.adapted_layers} | {HEAD: 0.5}
                 for factor in ("B", "A"):
                     set_trainable(model, factor)
                     model.head.requires_grad_(True)

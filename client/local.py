@@ -11,11 +11,12 @@ from torch import Tensor
 
 from common.config import NodeConfig, RunConfig, resolve_device
 from common.data import client_task_indices
-from common.experiment import HEAD, Experiment, build_experiment, stable_seed
+from common.experiment import Experiment, build_experiment, stable_seed
+from common.layout import GRAMS, TRAIN, ReplySpec
 from common.lora import get_factors, set_deltas, set_factors, set_trainable
-from common.merges import delta_sum, project_gram
 from common.lorm_manifest_pb2 import GRAMS_ORDER, ROUND_ORDER
-from common.protocol import GRAMS, TRAIN, ClientReply, RoundOrder
+from common.merges import delta_sum, project_gram
+from common.protocol import ClientReply, RoundOrder
 from common.training import gram_pass, make_loader, train_block
 
 
@@ -63,15 +64,17 @@ class LocalWork:
             self.exp.stream, task, self.node.partition_id, self.node.num_partitions, self.run.beta, self.run.seed
         )
 
-    def _block(self, order: RoundOrder) -> tuple[int, int]:
-        """The task's classes; server and client derive them independently, so a mismatch means different data."""
+    def _spec(self, kind: str, order: RoundOrder) -> ReplySpec:
+        """The reply's layout. The task's classes and the method's past mode are derived by server and client
+        independently, so a mismatch means different data or settings."""
         block = self.exp.block(order.task)
-        if block != order.block:
+        if block != order.block or order.past_mode != self.run.method.past_mode:
             raise ValueError(
-                f"task {order.task}: server says classes {order.block}, this node's data says {block}; "
-                "do the server and this SuperNode use the same run config and data?"
+                f"task {order.task}: server says classes {order.block} and past mode {order.past_mode!r}, this "
+                f"node says {block} and {self.run.method.past_mode!r}; do the server and this SuperNode use the "
+                "same run config and data?"
             )
-        return block
+        return self.run.method.reply_spec(kind, order.factor, self.exp.dims, block[1] - block[0])
 
     def _load_adapter(self, order: RoundOrder) -> None:
         model = self.exp.model
@@ -79,57 +82,65 @@ class LocalWork:
         set_factors(model, "B", order.B)
 
     def _base(self, order: RoundOrder) -> dict[str, Tensor] | None:
-        """What clients train on besides W0 + B A: nothing (LoRM), or the sum of the past deltas (baselines)."""
+        """What clients train on besides W0 + B A: nothing (past mode "mean"), or the sum of the past deltas."""
         if order.past_mode != "sum" or not order.past:
             return None
         return delta_sum(order.past, self.exp.shapes, self.exp.device)
 
-    def _grams(
-        self, order: RoundOrder, indices: np.ndarray, with_head: bool
-    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """Grams through the model the merge is about: W0 + mean of the task deltas, the current one included
-        (LoRM, as the paper's clients do), or the model the client trained (baselines).
+    def _grams(self, order: RoundOrder, indices: np.ndarray, spec: ReplySpec) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The Grams ``spec`` asks for, through the model the merge is about: W0 + mean of the task deltas, the
+        current one included (past mode "mean", as the paper's clients do), or the model the client trained.
 
-        Returns the Grams and, for the dense ones that saw fewer rows than half their side (so their rank is low
-        enough for an exact factor to be smaller than the packed triangle), their shrinkage alpha."""
+        Returns the Grams (projected where the spec says) and, for the dense ones that saw fewer rows than half
+        their side (so their rank is low enough for an exact factor to be smaller than the packed triangle), their
+        shrinkage alpha."""
         model, device = self.exp.model, self.exp.device
         if order.past_mode == "mean":
             deltas, scale = mean_delta_terms(order.past, list(self.exp.shapes), device)
         else:
             deltas, scale = self._base(order), 1.0
         set_deltas(model, deltas, adapter_scale=scale)
-        alpha = self.exp.alpha if with_head else {k: v for k, v in self.exp.alpha.items() if k != HEAD}
+        alpha = {name: a for name, a in self.exp.alpha.items() if name in spec.grams}
         loader = make_loader(self.exp.stream.train, indices, self.run.eval_batch_size, shuffle=False, seed=0)
         try:
             grams, rows = gram_pass(model, loader, alpha, passes=self.run.gram_passes, device=device)
         finally:
             set_deltas(model, None, adapter_scale=1.0)
-        low_rank = {name: a for name, a in alpha.items() if a > 0 and 2 * rows[name] < self.exp.gram_d_in[name] + 1}
+        # A is shared in a projecting round: A G A^T (r x r) is all its merge needs of G.
+        grams |= {name: project_gram(order.A[name].to(grams[name]), grams[name]) for name in spec.projected}
+        low_rank = {name: a for name, a in alpha.items() if a > 0 and 2 * rows[name] < spec.grams[name].side + 1}
         return grams, low_rank
 
-    def respond(self, kind: str, arrays: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
-        """One order in wire form (Flower message type, arrays, config) -> the reply in wire form."""
+    def answer(self, kind: str, arrays: dict[str, Tensor], config: dict) -> tuple[RoundOrder, ReplySpec, ClientReply]:
+        """One order in wire form (Flower message type, arrays, config) -> (the order, the reply's layout, this
+        node's reply)."""
         if kind == TRAIN:
             order = RoundOrder.from_wire(arrays, config, ROUND_ORDER)
-            reply = self.train_round(order)
+            spec = self._spec(kind, order)
+            reply = self.train_round(order, spec)
             self.last_summary = (
                 f"task {order.task} round {order.round} factor {order.factor} on {reply.num_examples} samples, "
                 f"loss {reply.train_loss:.4f}"
             )
         elif kind == GRAMS:
             order = RoundOrder.from_wire(arrays, config, GRAMS_ORDER)
-            reply = self.task_end_grams(order)
+            spec = self._spec(kind, order)
+            reply = self.task_end_grams(order, spec)
             self.last_summary = f"task {order.task} end: Grams of {reply.num_examples} samples"
         else:
             raise ValueError(f"unknown message type {kind!r}")
-        return reply.to_wire(self.gram_dtype)
+        return order, spec, reply
 
-    def train_round(self, order: RoundOrder) -> ClientReply:
+    def respond(self, kind: str, arrays: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
+        """One order in wire form -> the reply in wire form (privacy "plain")."""
+        return self.answer(kind, arrays, config)[2].to_wire(self.gram_dtype)
+
+    def train_round(self, order: RoundOrder, spec: ReplySpec) -> ClientReply:
         model, device = self.exp.model, self.exp.device
         if order.factor not in ("A", "B", "AB") or order.head_weight is None:
             raise ValueError(f"a training round needs factors A, B or AB and the head block, got {order.factor!r}")
         self._load_adapter(order)
-        lo, hi = self._block(order)
+        lo, hi = order.block
         with torch.no_grad():
             model.head.weight[lo:hi] = order.head_weight.to(device)
             model.head.bias[lo:hi] = order.head_bias.to(device)
@@ -147,12 +158,7 @@ class LocalWork:
         )
         loss = train_block(model, loader, (lo, hi), epochs=self.run.local_epochs, lr=self.run.lr, device=device)
         set_deltas(model, None, adapter_scale=1.0)
-        grams, low_rank = self._grams(order, indices, with_head=True) if self.run.method.round_grams else ({}, {})
-        projected = frozenset()
-        if order.factor == "B" and grams:
-            # A B-round merge needs only A G A^T (A is shared): r x r numbers per layer instead of G.
-            projected = frozenset(self.exp.shapes)
-            grams |= {name: project_gram(order.A[name].to(grams[name]), grams[name]) for name in projected}
+        grams, low_rank = self._grams(order, indices, spec) if spec.grams else ({}, {})
         return ClientReply(
             task=order.task,
             round=order.round,
@@ -165,14 +171,13 @@ class LocalWork:
             head_weight=model.head.weight[lo:hi].detach().cpu().clone(),
             head_bias=model.head.bias[lo:hi].detach().cpu().clone(),
             train_loss=loss,
-            projected=projected,
+            projected=spec.projected,
         )
 
-    def task_end_grams(self, order: RoundOrder) -> ClientReply:
-        self._block(order)
+    def task_end_grams(self, order: RoundOrder, spec: ReplySpec) -> ClientReply:
         self._load_adapter(order)
         indices = self._indices(order.task)
-        grams, low_rank = self._grams(order, indices, with_head=False)
+        grams, low_rank = self._grams(order, indices, spec)
         return ClientReply(
             task=order.task, round=order.round, factor="", num_examples=len(indices), grams=grams, low_rank=low_rank
         )

@@ -23,12 +23,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client.local import LocalWork
-from common.lorm_manifest_pb2 import GRAMS_ORDER, ROUND_ORDER, Manifest
-from common.protocol import GRAMS, MANIFEST_KEY, TRAIN, RoundOrder
-from common.secagg import (
-    EXCHANGE, EXPONENTS, KIND, PHASE, PROBE, SUM, SecAggError, encode, probe, round_contribution,
-    task_end_contribution,
-)
+from common.config import RunConfig
+from common.layout import TRAIN
+from common.lorm_manifest_pb2 import Manifest
+from common.protocol import MANIFEST_KEY
+from common.secagg import EXCHANGE, EXPONENTS, KIND, PHASE, PROBE, SUM, SecAggError, encode, probe, wire_terms
 
 _TERMS, _META = "lorm.secagg.terms", "lorm.secagg.exchange"
 
@@ -38,7 +37,7 @@ class PrivacyError(RuntimeError):
 
 
 def privacy(context: Context) -> str:
-    return str(context.run_config.get("privacy", "plain"))
+    return RunConfig.parse(context.run_config, source="run config").privacy
 
 
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -83,29 +82,15 @@ def secure_train(msg: Message, context: Context) -> Message:
 
 
 def _contribution(context: Context, kind: str, parameters, manifest: bytes) -> dict[str, torch.Tensor]:
+    """This node's work for the order, as the method's terms in their wire shapes."""
     started = time.perf_counter()
     work = LocalWork.from_context(context)
     m = Manifest()
     m.ParseFromString(manifest)
     keys = sorted(s.key for s in m.tensors)
     arrays = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, parameters_to_ndarrays(parameters), strict=True)}
-    config = {MANIFEST_KEY: manifest}
-    if kind == TRAIN:
-        order = RoundOrder.from_wire(arrays, config, ROUND_ORDER)
-        reply = work.train_round(order)
-        shared = order.A if order.factor == "B" else order.B
-        assert reply.head_weight is not None and reply.head_bias is not None  # a round's reply has the head
-        terms = round_contribution(
-            order.factor, reply.trained[order.factor], shared, reply.grams, reply.head_weight, reply.head_bias,
-            reply.num_examples, reply.train_loss,
-        )
-        what = f"task {order.task} round {order.factor} on {reply.num_examples} samples, loss {reply.train_loss:.4f}"
-    elif kind == GRAMS:
-        order = RoundOrder.from_wire(arrays, config, GRAMS_ORDER)
-        reply = work.task_end_grams(order)
-        terms = task_end_contribution(reply.grams, reply.num_examples)
-        what = f"task {order.task} end: Grams of {reply.num_examples} samples"
-    else:
-        raise SecAggError(f"unknown order kind {kind!r}")
-    log(INFO, "client %d (secagg): %s in %.1f s", work.node.partition_id, what, time.perf_counter() - started)
+    order, spec, reply = work.answer(kind, arrays, {MANIFEST_KEY: manifest})
+    terms = wire_terms(work.run.method.terms(order, reply), spec.terms)
+    log(INFO, "client %d (secagg): %s in %.1f s", work.node.partition_id, work.last_summary,
+        time.perf_counter() - started)
     return terms

@@ -12,10 +12,9 @@ from common.config import RunConfig
 from common.data import Stream, load_stream
 from common.data.cache import load_or_build
 from common.data.splits import holdout_validation
+from common.layout import Dims
 from common.lora import layer_shapes
-from common.model import FCILModel, build_model
-
-HEAD = "head"
+from common.model import HEAD, FCILModel, build_model
 
 
 def stable_seed(*parts: int) -> int:
@@ -41,12 +40,8 @@ class Experiment:
         return {name: self.run.alpha_backbone for name in self.shapes} | {HEAD: self.run.alpha_head}
 
     @property
-    def gram_d_in(self) -> dict[str, int]:
-        return {name: d_in for name, (_, d_in) in self.shapes.items()} | {HEAD: self.model.head.in_features}
-
-    @property
-    def gram_dense(self) -> dict[str, bool]:
-        return {name: a > 0 for name, a in self.alpha.items()}
+    def dims(self) -> Dims:
+        return Dims(self.shapes, self.run.rank, self.model.head.in_features, {n: a > 0 for n, a in self.alpha.items()})
 
     def block(self, task: int) -> tuple[int, int]:
         """(lo, hi): the task's classes are the contiguous global ids lo..hi-1."""

@@ -163,7 +163,7 @@ def _check_layer_set(expected: Mapping[str, object], given: Mapping[str, object]
         )
 
 
-def _check_tensor(name: str, what: str, t: Tensor, shape: tuple[int, ...]) -> None:
+def _check_adapter_tensor(name: str, what: str, t: Tensor, shape: tuple[int, ...]) -> None:
     if not isinstance(t, Tensor):
         raise AdapterError(f"{what} of layer {name!r} is a {type(t).__name__}, not a tensor")
     if tuple(t.shape) != shape:
@@ -236,7 +236,7 @@ def set_factors(model: nn.Module, which: Factor, tensors: Mapping[str, Tensor]) 
     layers = _require_layers(model)
     _check_layer_set(layers, tensors, f"factor {which}")
     for name, layer in layers.items():
-        _check_tensor(name, f"factor {which}", tensors[name], tuple(getattr(layer, which).shape))
+        _check_adapter_tensor(name, f"factor {which}", tensors[name], tuple(getattr(layer, which).shape))
     with torch.no_grad():
         for name, layer in layers.items():
             getattr(layer, which).copy_(tensors[name])
@@ -268,7 +268,7 @@ def set_deltas(model: nn.Module, deltas: Mapping[str, Tensor] | None, adapter_sc
     if deltas is not None:
         _check_layer_set(layers, deltas, "deltas")
         for name, layer in layers.items():
-            _check_tensor(name, "delta", deltas[name], layer.shape)
+            _check_adapter_tensor(name, "delta", deltas[name], layer.shape)
     for name, layer in layers.items():
         w0 = layer.W0
         layer.delta = None if deltas is None else deltas[name].detach().to(device=w0.device, dtype=w0.dtype)

@@ -159,12 +159,6 @@ class RoundSums:
             self.den[name] = self.den[name] + d if name in self.den else d
         self.clients += 1
 
-    def add_terms(self, num: Mapping[str, Tensor], den: Mapping[str, Tensor]) -> None:
-        """Fold in already-summed terms (e.g. the output of secure aggregation over many clients)."""
-        for name in self.shared:
-            self.num[name] = self.num.get(name, 0) + _f64(num[name], self.device)
-            self.den[name] = self.den.get(name, 0) + _f64(den[name], self.device)
-
     def solve(self, ridge: float = 0.0) -> dict[str, Tensor]:
         if not self.num:
             raise MergeError(f"{self.factor}-round merge with no client")
@@ -187,31 +181,13 @@ def merge_round(
     return sums.solve(ridge)
 
 
-def merge_head(
-    weights: Tensor, biases: Tensor, grams: Tensor, counts: Tensor, ridge: float = 0.0
-) -> tuple[Tensor, Tensor]:
-    """RegMean of the clients' head blocks; bias averaged by sample count.
-
-    weights: (K, m, d); biases: (K, m); grams: (K, d, d) or (K, d) (the head's shrunk input Gram, alpha-head);
-    counts: (K,) samples. Returns W* = (sum_i W_i G_i) pinv(sum_i G_i): (m, d) and b* = sum_i n_i b_i / sum n_i.
-    """
-    if weights.shape[0] == 0:
-        raise MergeError("head merge with no client")
-    counts = _f64(counts, weights.device)
-    if (counts < 0).any() or counts.sum() <= 0:
-        raise MergeError(f"head merge needs non-negative sample counts with a positive total, got {counts.tolist()}")
-    W, G = _f64(weights), _f64(grams, weights.device)
-    merged = solve_regmean(times_gram(W, G).sum(0), G.sum(0), ridge)
-    bias = (_f64(biases, weights.device) * counts[:, None]).sum(0) / counts.sum()
-    return merged, bias
-
-
 def head_from_sums(
     WG: Tensor, G: Tensor, nb: Tensor, n: float, ridge: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """``merge_head`` from sums over clients only (what secure aggregation reveals).
+    """RegMean of the clients' head blocks from sums over clients; bias averaged by sample count.
 
-    WG = sum_i W_i G_i: (m, d); G = sum_i G_i: (d, d) or (d,); nb = sum_i n_i b_i: (m,); n = sum_i n_i.
+    WG = sum_i W_i G_i: (m, d); G = sum_i G_i: (d, d) or (d,) (the head's shrunk input Gram, alpha-head);
+    nb = sum_i n_i b_i: (m,); n = sum_i n_i. Returns W* = WG pinv(G): (m, d) and b* = nb / n: (m,).
     """
     if not n > 0:
         raise MergeError(f"head merge needs a positive total sample count, got {n}")
@@ -264,35 +240,18 @@ def delta_sum(
     }
 
 
-def weighted_average(tensors: Sequence[Mapping[str, Tensor]], counts: Tensor) -> dict[str, Tensor]:
-    """FedAvg: sum_i n_i T_i / sum_i n_i for every name, float64. counts: (K,) samples, positive total."""
-    counts = _f64(counts)
-    if len(tensors) == 0 or (counts < 0).any() or counts.sum() <= 0:
-        raise MergeError(f"averaging needs clients with non-negative counts and a positive total, got {counts}")
-    weights = counts / counts.sum()
-    return {
-        name: sum(w * _f64(t[name], w.device) for w, t in zip(weights, tensors, strict=True))  # type: ignore[misc]
-        for name in tensors[0]
-    }
-
-
 def regmean_lowrank(
-    As: Sequence[Mapping[str, Tensor]],
-    Bs: Sequence[Mapping[str, Tensor]],
-    grams: Sequence[Mapping[str, Tensor]],
-    ridge: float = 0.0,
+    AG: Mapping[str, Tensor], B: Mapping[str, Tensor], G: Mapping[str, Tensor], ridge: float = 0.0
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """RegMean of the clients' full deltas B_i A_i, returned exactly in low-rank form.
+    """RegMean of K clients' full deltas B_i A_i, returned exactly in low-rank form.
 
         dW* = (sum_i B_i A_i G_i) pinv(sum_i G_i) = [B_1 ... B_K] [A_1 G_1 H^+; ...; A_K G_K H^+]
 
     so dW* = B_stack A_stack with A_stack: (K r, d_in), B_stack: (d_out, K r): no d_out x d_in matrix is built
-    or sent. A_i: (r, d_in), B_i: (d_out, r), G_i: (d_in,) or (d_in, d_in).
+    or sent. Per layer: AG = [A_1 G_1; ...; A_K G_K]: (K r, d_in), B = [B_1 ... B_K]: (d_out, K r),
+    G = sum_i G_i: (d_in,) or (d_in, d_in).
     """
-    if not As:
-        raise MergeError("RegMean merge with no client")
-    num = {name: torch.cat([times_gram(_f64(a[name]), _f64(g[name])) for a, g in zip(As, grams)]) for name in As[0]}
-    den = {name: sum(_f64(g[name]) for g in grams) for name in As[0]}
-    A_stack = solve_layers(num, den, ridge)  # type: ignore[arg-type]
-    B_stack = {name: torch.cat([_f64(b[name]) for b in Bs], dim=1) for name in As[0]}
-    return A_stack, B_stack
+    if not AG:
+        raise MergeError("RegMean merge with no layer")
+    A_stack = solve_layers({n: _f64(t) for n, t in AG.items()}, {n: _f64(G[n]) for n in AG}, ridge)
+    return A_stack, {n: _f64(B[n]) for n in AG}

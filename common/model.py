@@ -8,6 +8,8 @@ from torch.nn.utils import skip_init
 from common.backbones import backbone_spec
 from common.lora import inject_lora, lora_layers
 
+HEAD = "head"  # the head's name: a module of FCILModel, and the key of its Gram among the layers'
+
 
 class FCILModel(nn.Module):
     """logits = head(backbone(x)); backbone: images -> (N, num_features), head: nn.Linear(num_features, classes).
@@ -20,8 +22,6 @@ class FCILModel(nn.Module):
     than the one being merged and evaluated; with tiny skewed local batches BatchNorm statistics would drift per
     client. The head has no such layers, so ``train()`` still matters for it only.
     """
-
-    head_name = "head"
 
     def __init__(self, backbone: nn.Module, num_features: int, num_classes: int) -> None:
         super().__init__()

@@ -41,8 +41,6 @@ from common.grams import low_rank_factor, shrink
 from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
 
 SCHEMA_VERSION = 1
-TRAIN = "train"
-GRAMS = "query.grams"
 MANIFEST_KEY = "manifest"
 
 

@@ -1,13 +1,9 @@
 """What a client contributes to a secure sum, and how the server reads the sum back: pure tensors, no Flower.
 
-Under secure aggregation the server learns only sums over clients, so every merge input is sent as a
-client-side product that adds up (see common/merges.py: the merges need nothing but sums):
-
-    round     num/<layer>, den/<layer>   ``round_terms`` (A-round: A_i G_i, G_i; B-round: B_i P_i, P_i = A G_i A^T)
-              head/WG, head/G, head/nb   W_i G_i, G_i (alpha-head shrunk), n_i b_i   (the head block)
-              count/n, count/nloss       n_i, n_i * loss_i
-    task end  gram/<layer>, count/n      G_i through W0 + mean of the task deltas, n_i
-
+Under secure aggregation the server learns only sums over clients. Every method whose merges need nothing but
+sums states its terms once (``Method.reply_spec(...).terms``, common/methods/): e.g. LoRM's round sends
+num/<layer>, den/<layer> (A-round: A_i G_i, G_i; B-round: B_i P_i, P_i = A G_i A^T), head/WG, head/G, head/nb
+(W_i G_i, G_i, n_i b_i) and count/n, count/nloss (n_i, n_i loss_i); a task end gram/<layer> and count/n.
 Dense symmetric matrices travel as packed upper triangles (``common.wire``).
 
 Fixed point. Flower's SecAgg+ sums integers: each value v must lie in [-c, c] and becomes one of T + 1 levels
@@ -34,15 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.merges import round_terms, times_gram
+from common.layout import Term
 from common.wire import pack_symmetric, unpack_symmetric
 
 # Exponent bins of the probe: the bin of e holds arrays with 2^(e-1) <= max|x| < 2^e (or smaller, in the
 # lowest bin). 2^-64 is far below any statistic that matters; 2^63 is far above any float32 activation's.
 EXP_LO, EXP_HI = -64, 64
 NUM_BINS = EXP_HI - EXP_LO
-HEAD_KEYS = ("head/WG", "head/G", "head/nb")
-COUNT_N, COUNT_NLOSS = "count/n", "count/nloss"
 
 # Keys of the orders' (legacy FitIns) config in secagg mode, shared by server and client.
 PHASE, KIND, EXCHANGE, EXPONENTS = "lorm-secagg-phase", "lorm-kind", "lorm-exchange", "lorm-exponents"
@@ -53,61 +47,12 @@ class SecAggError(ValueError):
     """A contribution or a secure sum that cannot be used: out of range, wrong layout, not a valid statistic."""
 
 
-# -- layouts: the arrays of one exchange, by name, in the shape they travel ------------------------------------------
-def round_layout(
-    shapes: Mapping[str, tuple[int, int]], rank: int, factor: str, head_rows: int, head_d: int,
-    dense: Mapping[str, bool],
-) -> dict[str, tuple[int, ...]]:
-    """Wire shapes of a round's terms. dense[name]: the layer's (or "head"'s) Gram is a full matrix."""
-    out: dict[str, tuple[int, ...]] = {}
-    for name, (d_out, d_in) in shapes.items():
-        if factor == "B":
-            out[f"num/{name}"], out[f"den/{name}"] = (d_out, rank), (rank * (rank + 1) // 2,)
-        else:
-            out[f"num/{name}"], out[f"den/{name}"] = (rank, d_in), _gram_shape(d_in, dense[name])
-    out["head/WG"], out["head/nb"] = (head_rows, head_d), (head_rows,)
-    out["head/G"] = _gram_shape(head_d, dense["head"])
-    out[COUNT_N], out[COUNT_NLOSS] = (1,), (1,)
-    return out
-
-
-def task_end_layout(shapes: Mapping[str, tuple[int, int]], dense: Mapping[str, bool]) -> dict[str, tuple[int, ...]]:
-    return {f"gram/{name}": _gram_shape(d_in, dense[name]) for name, (_, d_in) in shapes.items()} | {COUNT_N: (1,)}
-
-
-def _gram_shape(d: int, dense: bool) -> tuple[int, ...]:
-    return (d * (d + 1) // 2,) if dense else (d,)
-
-
-def _packed(t: Tensor) -> Tensor:
-    return pack_symmetric(t) if t.ndim == 2 else t
-
-
-# -- a client's contribution -----------------------------------------------------------------------------------------
-def round_contribution(
-    factor: str, trained: Mapping[str, Tensor], shared: Mapping[str, Tensor], grams: Mapping[str, Tensor],
-    head_weight: Tensor, head_bias: Tensor, num_examples: int, train_loss: float,
-) -> dict[str, Tensor]:
-    """One client's round terms (float64, wire shapes). grams: per layer G_i (A-round) or A G_i A^T (B-round),
-    plus "head"."""
-    out: dict[str, Tensor] = {}
-    for name, t in trained.items():
-        num, den = round_terms(factor, t, shared[name], grams[name], projected=factor == "B")  # type: ignore[arg-type]
-        out[f"num/{name}"], out[f"den/{name}"] = num, _packed(den)
-    G = grams["head"].to(torch.float64)
-    n = float(num_examples)
-    out["head/WG"] = times_gram(head_weight.to(torch.float64), G)
-    out["head/G"] = _packed(G)
-    out["head/nb"] = head_bias.to(torch.float64) * n
-    out[COUNT_N] = torch.tensor([n], dtype=torch.float64)
-    # A client with no samples reports loss NaN; it weighs nothing, so it adds 0.
-    out[COUNT_NLOSS] = torch.tensor([n * train_loss if n else 0.0], dtype=torch.float64)
-    return out
-
-
-def task_end_contribution(grams: Mapping[str, Tensor], num_examples: int) -> dict[str, Tensor]:
-    out = {f"gram/{name}": _packed(g.to(torch.float64)) for name, g in grams.items()}
-    return out | {COUNT_N: torch.tensor([float(num_examples)], dtype=torch.float64)}
+# -- a client's terms as they travel -------------------------------------------------------------------------------
+def wire_terms(terms: Mapping[str, Tensor], layout: Mapping[str, Term]) -> dict[str, Tensor]:
+    """One client's terms (``Method.terms``) in their wire shapes: dense Grams as packed upper triangles."""
+    if set(terms) != set(layout):
+        raise SecAggError(f"terms {sorted(set(terms) ^ set(layout))[:3]} differ from the layout")
+    return {key: pack_symmetric(t) if layout[key].wire_shape != layout[key].shape else t for key, t in terms.items()}
 
 
 # -- fixed-point encoding --------------------------------------------------------------------------------------------
@@ -177,24 +122,26 @@ def error_bound(exponent: int, clients: int, quantization_range: int) -> float:
 
 
 # -- reading a sum ---------------------------------------------------------------------------------------------------
-def unpack(summed: Mapping[str, Tensor], prefix: str, dense: Mapping[str, bool]) -> dict[str, Tensor]:
-    """{layer: tensor} for the arrays under ``prefix``; those named in ``dense`` come back as full matrices."""
-    return {
-        key[len(prefix):]: full(t, dense.get(key[len(prefix):], False))
-        for key, t in summed.items() if key.startswith(prefix)
-    }
+def read_sum(summed: Mapping[str, Tensor], layout: Mapping[str, Term], bounds: Mapping[str, float]) -> dict[str, Tensor]:
+    """The summed terms in their own shapes, checked and cleaned of quantisation noise.
+
+    Every Gram term must be a Gram (``check_gram_sum``, up to its error bound); the features of a Gram whose
+    summed energy lies within the noise are treated as unseen in it and in the numerators ``over`` it
+    (``drop_noise_features``). SecAggError names the first term that fails.
+    """
+    out = {key: _full(t, layout[key]) for key, t in summed.items()}
+    for key, term in layout.items():
+        if term.gram:
+            check_gram_sum(key, out[key], bounds[key])
+    for key, term in layout.items():
+        if term.over:
+            out[key], out[term.over] = drop_noise_features(out[key], out[term.over], bounds[term.over])
+    return out
 
 
-def full(t: Tensor, dense: bool) -> Tensor:
-    """A packed upper triangle as its symmetric matrix (when ``dense``), else ``t`` as it is."""
-    return unpack_symmetric(t, _side(t.numel())) if dense else t
-
-
-def _side(packed: int) -> int:
-    d = int((math.isqrt(8 * packed + 1) - 1) // 2)
-    if d * (d + 1) // 2 != packed:
-        raise SecAggError(f"{packed} numbers are not the upper triangle of a square matrix")
-    return d
+def _full(t: Tensor, term: Term) -> Tensor:
+    """A packed upper triangle (``decode`` checked its length) as its symmetric matrix, where it travelled so."""
+    return t if term.wire_shape == term.shape else unpack_symmetric(t, term.shape[0])
 
 
 def drop_noise_features(num: Tensor, den: Tensor, floor: float) -> tuple[Tensor, Tensor]:

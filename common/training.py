@@ -5,9 +5,6 @@ Functions of a model and a DataLoader, shared by the client (training, Grams) an
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -15,9 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from common.grams import collect_grams
 from common.lora import lora_layers
-
-log = logging.getLogger(__name__)
-
+from common.model import HEAD
 
 def make_loader(dataset: Dataset, indices: np.ndarray, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
     """A loader over ``dataset[indices]``; shuffling uses its own generator so runs are reproducible."""
@@ -35,7 +30,6 @@ def train_block(
     epochs: int,
     lr: float,
     device: str,
-    progress: Callable[[str], None] | None = None,
 ) -> float:
     """Cross-entropy on the current task's classes only; returns the mean loss of the last epoch.
 
@@ -49,7 +43,7 @@ def train_block(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     loss_fn = nn.CrossEntropyLoss()
     mean_loss = float("nan")
-    for epoch in range(epochs):
+    for _ in range(epochs):
         total, count = 0.0, 0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -62,8 +56,6 @@ def train_block(
             total += loss.item() * len(y)
             count += len(y)
         mean_loss = total / max(count, 1)
-        if progress:
-            progress(f"epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}")
     return mean_loss
 
 
@@ -77,7 +69,7 @@ def gram_pass(
     vector). Returns (float64 Grams, row counts).
     ``passes`` > 1 repeats the pass (it only changes the result when the loader augments).
     """
-    available: dict[str, nn.Module] = dict(lora_layers(model)) | {"head": model.head}
+    available: dict[str, nn.Module] = dict(lora_layers(model)) | {HEAD: model.head}
     modules = {name: available[name] for name in alpha}
     with collect_grams(modules, alpha) as stats:
         for _ in range(passes):

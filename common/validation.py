@@ -24,7 +24,7 @@ class InvalidUpdate(ValueError):
         self.client, self.layer, self.reason = client, layer, reason
 
 
-def _check_tensor(client: str, name: str, t: object, shape: tuple[int, ...], what: str) -> Tensor:
+def _check_reply_tensor(client: str, name: str, t: object, shape: tuple[int, ...], what: str) -> Tensor:
     if not isinstance(t, Tensor):
         raise InvalidUpdate(client, name, f"{what} is a {type(t).__name__}, not a tensor")
     if t.dtype not in WIRE_DTYPES:
@@ -81,7 +81,7 @@ def validate_update(
             raise InvalidUpdate(client, (missing + extra)[0], f"{what} layers differ: missing {missing[:3]}, "
                                 f"unexpected {extra[:3]}")
         for name, shape in expected.items():
-            _check_tensor(client, name, given[name], shape, what)
+            _check_reply_tensor(client, name, given[name], shape, what)
     for name, G in grams.items():
         check_gram(client, name, G, torch.finfo(wire_dtype).eps)  # type: ignore[arg-type]
     if num_examples == 0 and any(bool((G != 0).any()) for G in grams.values()):  # type: ignore[union-attr]

@@ -1,4 +1,4 @@
-"""An in-process federation: the strategy's schedule against K LocalWork clients in one process, no Flower runtime.
+"""An in-process federation: the server's schedule against K LocalWork clients in one process, no Flower runtime.
 
 For tests (faults injected per call) and for quick method comparisons (bench/compare_strategies.py
 --in-process). Orders and replies go through the same wire form (``LocalWork.respond``) as over Flower, so the
@@ -13,8 +13,11 @@ from collections.abc import Callable
 
 from client.local import LocalWork
 from common.config import NodeConfig, RunConfig
+from common.experiment import build_experiment
+from server.aggregation import PlainAggregation
 from server.report import RunReport
-from server.strategy import LoRMStrategy
+from server.schedule import Schedule
+from server.state import ServerState
 from server.transport import Envelope
 
 # fault(call index, node, kind) -> None, or an exception to raise in that client (or "absent": no reply at all)
@@ -46,7 +49,10 @@ class InProcessTransport:
         return replies
 
 
-def strategy_for(run: RunConfig, folder, fingerprint: str = "test") -> LoRMStrategy:
-    from common.experiment import build_experiment
+def schedule_for(run: RunConfig, folder, fingerprint: str = "test") -> Schedule:
+    return Schedule(build_experiment(run, "", "cpu", ""), RunReport(folder), fingerprint, merge_device="cpu")
 
-    return LoRMStrategy(build_experiment(run, "", "cpu", ""), RunReport(folder), fingerprint, merge_device="cpu")
+
+def run_in_process(schedule: Schedule, transport: InProcessTransport) -> ServerState:
+    """The schedule against in-process clients (plain aggregation); returns the final state."""
+    return schedule.run(PlainAggregation(transport, schedule.config.min_clients))

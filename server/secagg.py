@@ -7,16 +7,14 @@ Each client reports weight 1 (Flower sends the weight in clear, so it must not b
 max_weight 1: the workflow's weighted mean is then the plain mean over the K clients that contributed, and K
 times it is the sum. The sample count travels inside the masked vector, like every other statistic.
 
-``SecAggLoRMStrategy`` is the LoRM schedule with each exchange done as probe + sum (see common/secagg.py) and
-merged from the sums. A sum cannot be traced to a client, so it is validated as a whole (layout, Gram
-properties up to the quantisation noise, sample count) and a bad one fails the round.
+``SecureAggregation`` does each exchange of the schedule as probe + sum (see common/secagg.py) and hands the
+method the summed terms, as ``PlainAggregation`` does with the terms of validated replies.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import time
 from logging import WARNING
 from typing import NamedTuple
 
@@ -33,16 +31,16 @@ from flwr.serverapp import Grid
 from torch import Tensor
 
 from common.config import RunConfig
-from common.merges import MergeError, RoundSums, head_from_sums
-from common.protocol import GRAMS, MANIFEST_KEY, TRAIN
+from common.layout import ReplySpec
+from common.methods import Method
+from common.methods.base import COUNT_N
+from common.protocol import MANIFEST_KEY, RoundOrder
 from common.secagg import (
-    COUNT_N, COUNT_NLOSS, EXCHANGE, EXPONENTS, KIND, PHASE, PROBE, SUM, SecAggError, check_gram_sum, decode,
-    drop_noise_features, error_bound, exponents_from_probe, full, round_layout, task_end_layout, unpack,
+    EXCHANGE, EXPONENTS, KIND, PHASE, PROBE, SUM, SecAggError, decode, error_bound, exponents_from_probe, read_sum,
 )
-from server.state import ServerState
 from common.wire import nbytes
-from server.strategy import LoRMStrategy, _cpu32
-from server.transport import RoundFailed
+from server.aggregation import Aggregate
+from server.transport import RoundFailed, wait_for_nodes
 
 
 class SecureSum(NamedTuple):
@@ -101,17 +99,9 @@ class SecAggPlusSum:
     def __init__(self, grid: Grid, run: RunConfig) -> None:
         self.grid, self.run, self.calls = grid, run, 0
 
-    def _nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.run.round_timeout
-        while len(nodes := sorted(self.grid.get_node_ids())) < self.run.min_clients:
-            if time.monotonic() > deadline:
-                raise RoundFailed(f"only {len(nodes)} SuperNodes connected, min-clients is {self.run.min_clients}")
-            time.sleep(1.0)
-        return nodes
-
     def __call__(self, config: dict, arrays: dict[str, Tensor] | None) -> SecureSum:
         self.calls += 1
-        nodes = self._nodes()
+        nodes = wait_for_nodes(self.grid, self.run.min_clients, self.run.round_timeout)
         T = self.run.secagg_quantization_range
         tensors = [ndarray_to_bytes(arrays[k].numpy()) for k in sorted(arrays)] if arrays else []
         fitins = FitIns(Parameters(tensors=tensors, tensor_type="numpy.ndarray"), config)
@@ -141,80 +131,46 @@ class SecAggPlusSum:
         )
 
 
-class SecAggLoRMStrategy(LoRMStrategy):
-    """LoRM whose merges see only sums over clients (the run's privacy is "secagg")."""
+class SecureAggregation:
+    """The aggregation of privacy "secagg": every exchange is a probe and a sum (common/secagg.py) through SecAgg+.
 
-    def start(self, grid: Grid, *args, **kwargs) -> ServerState:  # type: ignore[override]
-        return self.run_schedule(SecAggPlusSum(grid, self.run))
+    A sum cannot be traced to a client, so it is validated as a whole (layout, Gram properties up to the
+    quantisation noise, sample count) and a bad one fails the round.
+    """
 
-    def _secure_exchange(self, summer, kind: str, factor: str, layout: dict) -> tuple[dict[str, Tensor], dict, dict]:
-        """Probe, then sum; returns (summed arrays, error bound per array, the round's record fields)."""
-        s = self.state
-        arrays, config = self._order(factor).to_wire()
+    def __init__(self, summer: SecAggPlusSum, run: RunConfig) -> None:
+        self.summer, self.run = summer, run
+
+    def exchange(self, order: RoundOrder, spec: ReplySpec, method: Method) -> Aggregate:
+        where = f"task {order.task} round {order.round}"
+        if not spec.summable:
+            raise RoundFailed(f"{where}: {method.name}'s terms are not sums over clients; secure aggregation "
+                              "cannot carry them")
+        arrays, config = order.to_wire()
+        layout = spec.wire_layout
         keys, exchange = sorted(layout), secrets.token_hex(8)
-        probe = summer({MANIFEST_KEY: config[MANIFEST_KEY], KIND: kind, EXCHANGE: exchange, PHASE: PROBE}, arrays)
+        probe = self.summer(
+            {MANIFEST_KEY: config[MANIFEST_KEY], KIND: spec.kind, EXCHANGE: exchange, PHASE: PROBE}, arrays
+        )
+        T = self.run.secagg_quantization_range
         try:
             if len(probe.vectors) != 1:
                 raise SecAggError(f"probe sum has {len(probe.vectors)} arrays, expected 1")
             exponents = exponents_from_probe(probe.vectors[0], keys)
-            total = summer({KIND: kind, EXCHANGE: exchange, PHASE: SUM, EXPONENTS: json.dumps(exponents)}, None)
+            total = self.summer({KIND: spec.kind, EXCHANGE: exchange, PHASE: SUM, EXPONENTS: json.dumps(exponents)},
+                                None)
             if total.clients < self.run.min_clients:
                 raise RoundFailed(
-                    f"task {s.task} round {s.round}: {total.clients} clients in the secure sum, "
-                    f"min-clients is {self.run.min_clients}"
+                    f"{where}: {total.clients} clients in the secure sum, min-clients is {self.run.min_clients}"
                 )
-            sums = decode(total.vectors, exponents, layout)
+            bounds = {k: error_bound(exponents[k], total.clients, T) for k in keys}
+            sums = read_sum(decode(total.vectors, exponents, layout), spec.terms, bounds)
         except SecAggError as err:
-            raise RoundFailed(f"task {s.task} round {s.round}: unusable secure sum: {err}") from None
-        T = self.run.secagg_quantization_range
-        bounds = {k: error_bound(exponents[k], total.clients, T) for k in keys}
+            raise RoundFailed(f"{where}: unusable secure sum: {err}") from None
         n = float(sums[COUNT_N].item())
         if not round(n) >= 1:
-            raise RoundFailed(f"task {s.task} round {s.round}: secure sum holds {n:.3g} samples")
+            raise RoundFailed(f"{where}: secure sum holds {n:.3g} samples")
         for f in total.failures:
-            log(WARNING, "left out of task %d round %d's secure sum: %s", s.task, s.round, f)
-        record = {
-            "clients": total.clients, "dropped": total.dropped,
-            "train_loss": float(sums[COUNT_NLOSS].item()) / round(n) if COUNT_NLOSS in sums else float("nan"),
-            "uplink_bytes_per_client": probe.masked_bytes + total.masked_bytes,
-            "downlink_bytes_per_client": nbytes(arrays),
-        }
-        return sums | {COUNT_N: torch.tensor([float(round(n))], dtype=torch.float64)}, bounds, record
-
-    def _round(self, transport, factor: str) -> dict:
-        s, exp = self.state, self.exp
-        lo, hi = exp.block(s.task)
-        layout = round_layout(exp.shapes, self.run.rank, factor, hi - lo, exp.model.head.in_features, exp.gram_dense)
-        sums, bounds, record = self._secure_exchange(transport, TRAIN, factor, layout)
-        started = time.perf_counter()
-        den_dense = {name: True for name in exp.shapes} if factor == "B" else exp.gram_dense  # B: A G A^T, r x r
-        num, den = unpack(sums, "num/", {}), unpack(sums, "den/", den_dense)
-        head_G = full(sums["head/G"], exp.gram_dense["head"])
-        try:
-            for name in exp.shapes:
-                check_gram_sum(f"den/{name}", den[name], bounds[f"den/{name}"])
-                num[name], den[name] = drop_noise_features(num[name], den[name], bounds[f"den/{name}"])
-            check_gram_sum("head/G", head_G, bounds["head/G"])
-            WG, head_G = drop_noise_features(sums["head/WG"], head_G, bounds["head/G"])
-            merge = RoundSums(factor, s.A if factor == "B" else s.B, self.merge_device)  # type: ignore[arg-type]
-            merge.add_terms(num, den)
-            merged = _cpu32(merge.solve(self.run.ridge))
-            W, b = head_from_sums(WG, head_G, sums["head/nb"], float(sums[COUNT_N].item()), self.run.ridge)
-            head = _cpu32({"head weight": W, "head bias": b})
-        except (SecAggError, MergeError) as err:
-            raise RoundFailed(f"task {s.task} round {s.round}: unusable secure sum: {err}") from None
-        setattr(s, factor, merged)
-        s.head_weight[lo:hi] = head["head weight"]
-        s.head_bias[lo:hi] = head["head bias"]
-        return record | {"merge_s": time.perf_counter() - started}
-
-    def _task_end_statistics(self, transport) -> None:
-        layout = task_end_layout(self.exp.shapes, self.exp.gram_dense)
-        sums, bounds, _ = self._secure_exchange(transport, GRAMS, "", layout)
-        grams = unpack(sums, "gram/", self.exp.gram_dense)
-        try:
-            for name, G in grams.items():
-                check_gram_sum(f"gram/{name}", G, bounds[f"gram/{name}"])
-        except SecAggError as err:
-            raise RoundFailed(f"task {self.state.task} end: unusable secure sum: {err}") from None
-        self.state.sums.fold(self.state.A, self.state.B, grams)
+            log(WARNING, "left out of %s's secure sum: %s", where, f)
+        sums[COUNT_N] = torch.tensor([float(round(n))], dtype=torch.float64)
+        return Aggregate(sums, total.clients, total.dropped, probe.masked_bytes + total.masked_bytes, nbytes(arrays))

@@ -15,17 +15,17 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig, resolve_device
 from common.experiment import build_experiment
 from server.report import RunReport
-from server.secagg import SecAggLoRMStrategy
+from server.schedule import Schedule
 from server.state import ServerState, config_fingerprint
-from server.strategy import LoRMStrategy
+from server.strategy import FCILStrategy
 
 app = ServerApp()
 
 
-def execute(run: RunConfig, name: str, drive: Callable[[LoRMStrategy], ServerState]) -> dict[str, Any]:
+def execute(run: RunConfig, name: str, drive: Callable[[Schedule], ServerState]) -> dict[str, Any]:
     """The whole run (or the rest of it, from its checkpoint); returns metrics.json's content.
 
-    ``drive`` runs the strategy's schedule: over Flower (``strategy.start(grid)``) or in process.
+    ``drive`` runs the schedule: over Flower (``FCILStrategy(schedule).start(grid)``) or in process.
     """
     device = resolve_device(run.device)
     report = RunReport(Path(run.output_dir).expanduser().resolve() / name)
@@ -38,8 +38,7 @@ def execute(run: RunConfig, name: str, drive: Callable[[LoRMStrategy], ServerSta
     fingerprint = config_fingerprint(
         {k: v for k, v in settings.items() if k not in ("round-timeout", "output-dir", "run-name", "device")}
     )
-    strategy_cls = SecAggLoRMStrategy if run.privacy == "secagg" else LoRMStrategy
-    state = drive(strategy_cls(exp, report, fingerprint, merge_device=device))
+    state = drive(Schedule(exp, report, fingerprint, merge_device=device))
     result = report.write_results(
         state.acc, {"tasks_done": len(state.acc), "wall_s": time.perf_counter() - started}, state.task_aware
     )
@@ -51,4 +50,4 @@ def execute(run: RunConfig, name: str, drive: Callable[[LoRMStrategy], ServerSta
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.parse(context.run_config, source="run config")
-    execute(run, run.run_name or f"run-{context.run_id}", lambda strategy: strategy.start(grid))
+    execute(run, run.run_name or f"run-{context.run_id}", lambda schedule: FCILStrategy(schedule).start(grid))

@@ -1,8 +1,8 @@
 """How the schedule reaches the clients: one order out to every node, whatever replies come back.
 
-The strategy speaks in plain tensors and configs; a ``Transport`` turns one order into ``Envelope``s, one per
-node that answered (or failed). ``FlowerTransport`` is the real one, over a Flower ``Grid``; tests drive the
-same schedule in process with their own transport.
+Plain aggregation (server/aggregation.py) speaks in plain tensors and configs; a ``Transport`` turns one order
+into ``Envelope``s, one per node that answered (or failed). ``FlowerTransport`` is the real one, over a Flower
+``Grid``; tests and the in-process comparison use deploy/inprocess.py's.
 """
 
 from __future__ import annotations
@@ -28,27 +28,29 @@ class Transport(Protocol):
         ...
 
 
+def wait_for_nodes(grid: Grid, min_clients: int, timeout: float) -> list[int]:
+    """The connected SuperNodes, once there are at least ``min_clients`` (RoundFailed after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_clients:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RoundFailed(f"only {len(nodes)} SuperNodes connected, min-clients is {min_clients}")
+        time.sleep(1.0)
+
+
 class FlowerTransport:
     """Orders as Flower Messages to every connected SuperNode; replies that time out are simply absent."""
 
     def __init__(self, grid: Grid, min_clients: int, timeout: float) -> None:
         self.grid, self.min_clients, self.timeout = grid, min_clients, timeout
 
-    def _nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.min_clients:
-                return nodes
-            if time.monotonic() > deadline:
-                raise RoundFailed(f"only {len(nodes)} SuperNodes connected, min-clients is {self.min_clients}")
-            time.sleep(1.0)
-
     def exchange(self, kind: str, arrays: dict[str, Tensor], config: dict, max_reply_bytes: int) -> list[Envelope]:
         record, conf = ArrayRecord(torch_state_dict=arrays), ConfigRecord(config)
         messages = [
             Message(RecordDict({"arrays": record, "config": conf}), dst_node_id=node, message_type=kind)
-            for node in self._nodes()
+            for node in wait_for_nodes(self.grid, self.min_clients, self.timeout)
         ]
         replies = [_unwrap(msg, max_reply_bytes) for msg in self.grid.send_and_receive(messages, timeout=self.timeout)]
         answered = {node for node, _ in replies}

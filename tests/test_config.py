@@ -13,7 +13,13 @@ def test_pyproject_run_config_is_valid_and_complete():
     run = RunConfig.parse(table, source="pyproject")
     # every field is set in pyproject, so `flwr run --run-config` can override any of them
     assert set(table) == {f.alias for f in RunConfig.model_fields.values()}
-    assert run.factor_schedule[:3] == ["B", "A", "B"]
+    assert run.method.schedule(3) == ["B", "A", "B"]
+
+
+def test_pyproject_defaults_are_the_run_config_defaults():
+    """One source of defaults: Flower reads pyproject's table, tests and tools build RunConfig(...)."""
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.parse(table, source="pyproject").model_dump() == RunConfig().model_dump()
 
 
 @pytest.mark.parametrize(
@@ -43,8 +49,8 @@ def test_node_config_checks_partition_range_and_ignores_unknown_keys():
         NodeConfig.parse({}, source="node config")
 
 
-def test_factor_schedule_alternates_starting_with_b():
-    assert RunConfig(rounds_per_task=5).factor_schedule == ["B", "A", "B", "A", "B"]
+def test_lorm_schedule_alternates_starting_with_b():
+    assert RunConfig(rounds_per_task=5).method.schedule(5) == ["B", "A", "B", "A", "B"]
 
 
 def test_paper_configs_are_valid_run_configs():

@@ -7,12 +7,17 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.experiment import HEAD, build_experiment
+from common.experiment import build_experiment
+from common.model import HEAD
 from common.lorm_manifest_pb2 import DENSE_PACKED, ROUND_ORDER, Manifest
 from common.merges import project_gram
-from common.protocol import MANIFEST_KEY, ClientReply
+from common.layout import TRAIN
+from common.methods.base import sum_terms
+from common.protocol import MANIFEST_KEY, ClientReply, RoundOrder
+from server.aggregation import PlainAggregation
 from server.report import RunReport
-from server.strategy import LoRMStrategy, RoundFailed
+from server.schedule import Schedule
+from server.transport import RoundFailed
 
 RUN = RunConfig(
     backbone="vit_tiny_test", img_size=32, num_tasks=2, max_train_per_class=4, max_test_per_class=2, rank=3,
@@ -29,8 +34,27 @@ _RUNS = itertools.count()
 
 
 def strategy(exp, tmp_path):
-    """A fresh strategy with a report folder of its own."""
-    return LoRMStrategy(exp, RunReport(tmp_path / f"run{next(_RUNS)}"), "fuzz", merge_device="cpu")
+    """A fresh schedule with a report folder of its own."""
+    return Schedule(exp, RunReport(tmp_path / f"run{next(_RUNS)}"), "fuzz", merge_device="cpu")
+
+
+def order_and_spec(exp, s):
+    """Task 0's first round (a B-round) as the schedule orders it, and its reply layout."""
+    lo, hi = exp.block(0)
+    order = RoundOrder(task=0, round=0, factor="B", block=(lo, hi), A=s.state.A, B=s.state.B)
+    return order, RUN.method.reply_spec(TRAIN, "B", exp.dims, hi - lo)
+
+
+def select(exp, s, envelopes):
+    return PlainAggregation(None, RUN.min_clients).select(envelopes, *order_and_spec(exp, s))
+
+
+def merge(exp, s, accepted):
+    """The method's merge of the accepted replies: B and the task's head block."""
+    order, spec = order_and_spec(exp, s)
+    terms = sum_terms([RUN.method.terms(order, r) for r in accepted], spec.terms)
+    update = RUN.method.merge_round("B", terms, (s.state.A, s.state.B), RUN.ridge)
+    return {**update.factors["B"], "head.weight": update.head_weight, "head.bias": update.head_bias}
 
 
 def psd(d, n=None, gen=None):
@@ -180,11 +204,6 @@ MUTATIONS = {
 }
 
 
-def merged_state(s):
-    lo, hi = s.exp.block(0)
-    return {**s.state.B, "head.weight": s.state.head_weight[lo:hi].clone(), "head.bias": s.state.head_bias[lo:hi]}
-
-
 def test_every_malformed_reply_is_dropped_and_the_merge_equals_the_valid_ones(exp, tmp_path, caplog):
     gen = torch.Generator().manual_seed(0)
     rng = random.Random(0)
@@ -204,15 +223,13 @@ def test_every_malformed_reply_is_dropped_and_the_merge_equals_the_valid_ones(ex
         rng.shuffle(envelopes)
 
         caplog.clear()
-        accepted, dropped = s.select(envelopes, "B")
+        accepted, dropped = select(exp, s, envelopes)
         assert (len(accepted), dropped) == (len(valid), len(envelopes) - len(valid))
         assert caplog.text.count("dropping node") == dropped
-        s._merge_round(accepted)
+        got = merge(exp, s, accepted)
 
-        reference = strategy(exp, tmp_path)
-        ref_accepted, _ = reference.select([(i, v) for i, v in enumerate(valid)], "B")
-        reference._merge_round(ref_accepted)
-        got, want = merged_state(s), merged_state(reference)
+        ref_accepted, _ = select(exp, s, [(i, v) for i, v in enumerate(valid)])
+        want = merge(exp, s, ref_accepted)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)
     assert min(tried.values()) >= 2, tried
@@ -225,7 +242,7 @@ def test_each_mutation_alone_is_refused_with_its_reason(exp, tmp_path, caplog):
     for name, mutate in MUTATIONS.items():
         arrays, config = valid_reply(exp, s, gen)
         caplog.clear()
-        accepted, dropped = s.select([(1, good), (2, mutate(dict(arrays), dict(config), gen))], "B")
+        accepted, dropped = select(exp, s, [(1, good), (2, mutate(dict(arrays), dict(config), gen))])
         assert (len(accepted), dropped) == (1, 1), name
         assert "dropping node 2" in caplog.text, name
 
@@ -233,4 +250,4 @@ def test_each_mutation_alone_is_refused_with_its_reason(exp, tmp_path, caplog):
 def test_too_few_valid_replies_fail_the_round(exp, tmp_path):
     s = strategy(exp, tmp_path)
     with pytest.raises(RoundFailed, match="0 valid replies"):
-        s.select([(1, "client error: timeout")], "B")
+        select(exp, s, [(1, "client error: timeout")])

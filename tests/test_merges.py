@@ -15,7 +15,7 @@ from common.merges import (
     MergeError,
     RoundSums,
     TaskSums,
-    merge_head,
+    head_from_sums,
     merge_round,
     solve_layers,
     solve_regmean,
@@ -165,23 +165,6 @@ def test_clients_that_agree_get_their_adapter_back():
     close(merge_round("A", {"l": B}, [{"l": A}] * 3, grams)["l"], A.numpy())
 
 
-def test_round_sums_from_pre_summed_terms_equal_the_per_client_merge():
-    """What secure aggregation would deliver (sums of client terms) gives the same merge."""
-    rng = np.random.default_rng(8)
-    r, d_in = 2, 5
-    A = {"l": torch.from_numpy(rng.standard_normal((r, d_in)))}
-    trained = [{"l": torch.from_numpy(rng.standard_normal((4, r)))} for _ in range(3)]
-    grams = [{"l": gram(X, 0.0)} for X in clients(rng, 3, d=d_in)]
-    terms = [RoundSums("B", A) for _ in range(3)]
-    for t, f, g in zip(terms, trained, grams):
-        t.add(f, g)
-    summed = RoundSums("B", A)
-    summed.add_terms(
-        {"l": sum(t.num["l"] for t in terms)}, {"l": sum(t.den["l"] for t in terms)}
-    )
-    close(summed.solve()["l"], merge_round("B", A, trained, grams)["l"].numpy(), rtol=1e-12)
-
-
 def test_task_sums_are_regmean_over_task_deltas():
     rng = np.random.default_rng(9)
     d_out, d_in, r = 6, 7, 2
@@ -203,15 +186,16 @@ def test_head_regmean_and_bias_weighted_by_samples():
     Xs = clients(rng, K, d=d)
     Ws = rng.standard_normal((K, m, d))
     bs = rng.standard_normal((K, m))
-    counts = torch.tensor([len(X) for X in Xs])
-    W, b = merge_head(
-        torch.from_numpy(Ws), torch.from_numpy(bs), torch.stack([gram(X, 0.5) for X in Xs]), counts
-    )
+    counts = [len(X) for X in Xs]
+    grams = [gram(X, 0.5) for X in Xs]
+    WG = sum(torch.from_numpy(w) @ g for w, g in zip(Ws, grams))
+    nb = sum(n * torch.from_numpy(b) for n, b in zip(counts, bs))
+    W, b = head_from_sums(WG, sum(grams), nb, float(sum(counts)))
     Xa = [augmented(X, 0.5) for X in Xs]
     close(W, lstsq_fit(Xa, [X @ w.T for X, w in zip(Xa, Ws)]))
-    close(b, (bs * counts.numpy()[:, None]).sum(0) / counts.sum().item())
+    close(b, (bs * np.array(counts)[:, None]).sum(0) / sum(counts))
     with pytest.raises(MergeError, match="positive total"):
-        merge_head(torch.from_numpy(Ws), torch.from_numpy(bs), torch.zeros(K, d), torch.zeros(K))
+        head_from_sums(WG, sum(grams), nb, 0.0)
 
 
 def test_layers_are_solved_in_batches_with_the_per_layer_result():
@@ -264,7 +248,7 @@ def test_b_round_from_projected_statistics_equals_the_raw_merge(alpha):
 
 
 def test_regmean_of_full_deltas_is_exact_in_low_rank_form():
-    from common.merges import regmean_lowrank
+    from common.merges import regmean_lowrank, times_gram
 
     rng = np.random.default_rng(14)
     K, r, d_out, d_in = 3, 2, 6, 8
@@ -272,20 +256,12 @@ def test_regmean_of_full_deltas_is_exact_in_low_rank_form():
     As = [rng.standard_normal((r, d_in)) for _ in range(K)]
     Bs = [rng.standard_normal((d_out, r)) for _ in range(K)]
     for alpha in (0.0, 0.5):
+        grams = [gram(X, alpha) for X in Xs]
         A_stack, B_stack = regmean_lowrank(
-            [{"l": torch.from_numpy(a)} for a in As], [{"l": torch.from_numpy(b)} for b in Bs],
-            [{"l": gram(X, alpha)} for X in Xs],
+            {"l": torch.cat([times_gram(torch.from_numpy(a), g) for a, g in zip(As, grams)])},
+            {"l": torch.cat([torch.from_numpy(b) for b in Bs], dim=1)}, {"l": sum(grams)},
         )
         assert A_stack["l"].shape == (K * r, d_in) and B_stack["l"].shape == (d_out, K * r)
         Xa = [augmented(X, alpha) for X in Xs]
         want = lstsq_fit(Xa, [X @ (b @ a).T for X, a, b in zip(Xa, As, Bs)])
         close(B_stack["l"] @ A_stack["l"], want)
-
-
-def test_weighted_average_is_fedavg():
-    from common.merges import weighted_average
-
-    ts = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
-    close(weighted_average(ts, torch.tensor([1, 3]))["w"], np.array([2.5, 5.0]), rtol=1e-15)
-    with pytest.raises(MergeError, match="positive total"):
-        weighted_average(ts, torch.tensor([0, 0]))

@@ -6,7 +6,7 @@ import torch
 from common.config import RunConfig
 from server.state import CheckpointError, ServerState
 from server.transport import RoundFailed
-from deploy.inprocess import InProcessTransport, strategy_for
+from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
 
 RUN = RunConfig(
     backbone="vit_tiny_test", img_size=32, classes_per_task=5, num_tasks=2, rounds_per_task=3, local_epochs=1,
@@ -23,7 +23,7 @@ class Crash(Exception):
 # fast tier's in-process federations (~160 s together on a busy 2-core machine); `pytest` still runs it.
 @pytest.mark.slow
 def test_a_restarted_server_resumes_where_it_stopped_and_ends_identical(tmp_path):
-    whole = strategy_for(RUN, tmp_path / "whole").run_schedule(InProcessTransport(RUN, K))
+    whole = run_in_process(schedule_for(RUN, tmp_path / "whole"), InProcessTransport(RUN, K))
 
     class CrashingTransport(InProcessTransport):
         def exchange(self, *args):
@@ -32,10 +32,10 @@ def test_a_restarted_server_resumes_where_it_stopped_and_ends_identical(tmp_path
             return super().exchange(*args)
 
     with pytest.raises(Crash):
-        strategy_for(RUN, tmp_path / "cut").run_schedule(CrashingTransport(RUN, K))
-    resumed = strategy_for(RUN, tmp_path / "cut")
+        run_in_process(schedule_for(RUN, tmp_path / "cut"), CrashingTransport(RUN, K))
+    resumed = schedule_for(RUN, tmp_path / "cut")
     assert (resumed.state.task, resumed.state.round, len(resumed.state.acc)) == (1, 0, 1)
-    final = resumed.run_schedule(InProcessTransport(RUN, K))
+    final = run_in_process(resumed, InProcessTransport(RUN, K))
 
     assert final.acc == whole.acc  # the same accuracy matrix, so the same FAA
     for name in whole.A:
@@ -49,7 +49,7 @@ def test_a_restarted_server_resumes_where_it_stopped_and_ends_identical(tmp_path
 def test_a_failing_or_vanished_client_is_left_out_and_the_run_goes_on(tmp_path, caplog):
     faults = {(1, 2): RuntimeError("CUDA out of memory"), (2, 0): "absent", (4, 1): RuntimeError("disk full")}
     transport = InProcessTransport(RUN, K, fault=lambda call, node, kind: faults.get((call, node)))
-    state = strategy_for(RUN, tmp_path / "faulty").run_schedule(transport)
+    state = run_in_process(schedule_for(RUN, tmp_path / "faulty"), transport)
     assert len(state.acc) == 2
     clients = [h["clients"] for h in state.history]
     # calls 0-2 are task 0's rounds, call 3 its task end, call 4 task 1's first round
@@ -63,15 +63,15 @@ def test_below_min_clients_the_round_fails_and_the_checkpoint_stays_resumable(tm
     transport = InProcessTransport(RUN, K, fault=lambda call, node, kind: "absent" if call == 1 and node else None)
     folder = tmp_path / "starved"
     with pytest.raises(RoundFailed, match="1 valid replies, min-clients is 2"):
-        strategy_for(RUN, folder).run_schedule(transport)
-    resumed = strategy_for(RUN, folder)
+        run_in_process(schedule_for(RUN, folder), transport)
+    resumed = schedule_for(RUN, folder)
     assert (resumed.state.task, resumed.state.round) == (0, 1)  # round 0 merged, round 1 to do again
 
 
 def test_a_merge_that_overflows_stops_the_run_and_never_enters_the_state(tmp_path, monkeypatch):
-    import server.strategy as strategy_module
+    import common.methods.base as base
 
-    real = strategy_module.merge_head
+    real = base.head_from_sums
     calls = []
 
     def overflowing(*args, **kwargs):
@@ -79,24 +79,24 @@ def test_a_merge_that_overflows_stops_the_run_and_never_enters_the_state(tmp_pat
         calls.append(1)
         return (W * 1e300 if len(calls) == 2 else W), b  # finite in float64, inf in float32
 
-    monkeypatch.setattr(strategy_module, "merge_head", overflowing)
+    monkeypatch.setattr(base, "head_from_sums", overflowing)
     folder = tmp_path / "overflow"
     with pytest.raises(RoundFailed, match="merged head weight is not finite"):
-        strategy_for(RUN, folder).run_schedule(InProcessTransport(RUN, K))
-    resumed = strategy_for(RUN, folder)
+        run_in_process(schedule_for(RUN, folder), InProcessTransport(RUN, K))
+    resumed = schedule_for(RUN, folder)
     assert (resumed.state.task, resumed.state.round) == (0, 1)
     assert torch.isfinite(resumed.state.head_weight).all()
 
 
 def test_a_corrupt_or_foreign_checkpoint_is_an_error_never_a_fresh_start(tmp_path):
     folder = tmp_path / "c"
-    s = strategy_for(RUN, folder)
+    s = schedule_for(RUN, folder)
     s.state.save(s.checkpoint, "test")
     with pytest.raises(CheckpointError, match="other settings"):
-        strategy_for(RUN, folder, fingerprint="another run")
+        schedule_for(RUN, folder, fingerprint="another run")
     s.checkpoint.write_bytes(s.checkpoint.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="unreadable"):
-        strategy_for(RUN, folder)
+        schedule_for(RUN, folder)
     torch.save({"version": 99}, s.checkpoint)
     with pytest.raises(CheckpointError, match="not a version-1"):
         ServerState.load(s.checkpoint, "test")

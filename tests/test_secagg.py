@@ -22,10 +22,13 @@ from flwr.compat.common import recorddict_compat as compat
 
 from common.config import ConfigError, RunConfig
 from common.grams import shrink
-from common.merges import RoundSums, TaskSums, head_from_sums, merge_head, merge_round
+from common.layout import GRAMS, TRAIN, Dims
+from common.merges import TaskSums, merge_round
+from common.methods import METHODS
+from common.methods.base import COUNT_N, COUNT_NLOSS, sum_terms
+from common.protocol import ClientReply, RoundOrder
 from common.secagg import (
-    COUNT_N, COUNT_NLOSS, SecAggError, decode, encode, error_bound, exponents_from_probe, full, probe,
-    round_contribution, round_layout, task_end_contribution, task_end_layout, unpack,
+    SecAggError, decode, encode, error_bound, exponents_from_probe, probe, read_sum, wire_terms,
 )
 from server.secagg import SecAggPlusSum
 from server.transport import RoundFailed
@@ -61,46 +64,62 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
     assert err < rtol, f"relative error {err:.2e}"
 
 
+def _secure(terms: list[dict], layout: dict) -> dict:
+    """What the server reads from a secure sum of these clients' terms (no quantisation: a tiny noise floor)."""
+    wired = [wire_terms(t, layout) for t in terms]
+    total = {k: sum(w[k] for w in wired) for k in layout}
+    return read_sum(total, layout, {k: 1e-9 for k in layout})
+
+
+def _head_lstsq(clients) -> tuple[np.ndarray, np.ndarray]:
+    """The head merge by its definition: W* = (sum_i W_i G_i) pinv(sum_i G_i), b* = sum_i n_i b_i / sum_i n_i."""
+    WG = sum(c[2].numpy() @ c[1]["head"].numpy() for c in clients)
+    W = WG @ np.linalg.pinv(sum(c[1]["head"].numpy() for c in clients))
+    return W, sum(c[4] * c[3].numpy() for c in clients) / sum(c[4] for c in clients)
+
+
 @pytest.mark.parametrize("factor", ["A", "B"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_merge_from_summed_terms_equals_the_per_client_merge(factor, alpha):
     rng = np.random.default_rng(3)
     A = _shared(rng)  # the shared factor of a B-round (an A-round's shared B drops out of the merge)
-    shared = A if factor == "B" else {name: torch.zeros(d_out, R) for name, (d_out, _) in LAYERS.items()}
+    B = {name: torch.zeros(d_out, R) for name, (d_out, _) in LAYERS.items()}
+    shared = A if factor == "B" else B
     clients = [_client(rng, factor, alpha, n) for n in (30, 5, 61)]
     for trained, grams, *_ in clients:
         if factor == "B":
             grams |= {name: A[name] @ (grams[name] if alpha else grams[name].diag()) @ A[name].T for name in LAYERS}
 
-    # plain: the server sees every client
+    # per client, by the merges' own functions: the server sees every client
     plain = merge_round(
         factor, shared, [c[0] for c in clients], [{k: g for k, g in c[1].items() if k != "head"} for c in clients],
         projected=factor == "B",
     )
-    W_plain, b_plain = merge_head(
-        torch.stack([c[2] for c in clients]), torch.stack([c[3] for c in clients]),
-        torch.stack([c[1]["head"] for c in clients]), torch.tensor([c[4] for c in clients]),
-    )
-    # secagg: only the sum of what clients send
-    terms = [round_contribution(factor, c[0], shared, c[1], *c[2:]) for c in clients]
-    dense = {name: alpha > 0 for name in LAYERS} | {"head": True}
-    layout = round_layout(LAYERS, R, factor, HEAD_ROWS, HEAD_D, dense)
-    assert {k: tuple(t.shape) for k, t in terms[0].items()} == layout  # the client sends what the server expects
-    total = {k: sum(t[k] for t in terms) for k in layout}
-    den_dense = {name: True for name in LAYERS} if factor == "B" else dense
-    sums = RoundSums(factor, shared)
-    sums.add_terms(unpack(total, "num/", {}), unpack(total, "den/", den_dense))
-    secure = sums.solve()
-    W, b = head_from_sums(total["head/WG"], full(total["head/G"], True), total["head/nb"], float(total[COUNT_N]))
+    W_plain, b_plain = _head_lstsq(clients)
+    # the LoRM plug-in's terms, summed as secure aggregation sums them
+    lorm = METHODS["lorm"]
+    dims = Dims(LAYERS, R, HEAD_D, {name: alpha > 0 for name in LAYERS} | {"head": True})
+    spec = lorm.reply_spec(TRAIN, factor, dims, HEAD_ROWS)
+    order = RoundOrder(task=0, round=0, factor=factor, block=(0, HEAD_ROWS), A=A, B=B)
+    replies = [ClientReply(0, 0, factor, c[4], c[1], {factor: c[0]}, c[2], c[3], c[5], projected=spec.projected)
+               for c in clients]
+    terms = [lorm.terms(order, r) for r in replies]
+    assert {k: tuple(t.shape) for k, t in wire_terms(terms[0], spec.terms).items()} == spec.wire_layout
+    sums = _secure(terms, spec.terms)
+    update = lorm.merge_round(factor, sums, (A, B), 0.0)
 
     for name in LAYERS:
-        _close(secure[name], plain[name], 1e-10)
+        _close(update.factors[factor][name], plain[name], 1e-10)
         if factor == "A":
-            assert torch.all(secure[name][:, 0] == 0)  # the feature nobody saw
-    _close(W, W_plain, 1e-10)
-    _close(b, b_plain, 1e-10)
+            assert torch.all(update.factors[factor][name][:, 0] == 0)  # the feature nobody saw
+    _close(update.head_weight, torch.from_numpy(W_plain), 1e-10)
+    _close(update.head_bias, torch.from_numpy(b_plain), 1e-10)
     loss = sum(c[4] * c[5] for c in clients) / sum(c[4] for c in clients)
-    assert float(total[COUNT_NLOSS]) / float(total[COUNT_N]) == pytest.approx(loss, rel=1e-12)
+    assert float(sums[COUNT_NLOSS]) / float(sums[COUNT_N]) == pytest.approx(loss, rel=1e-12)
+    # plain aggregation reduces the same terms without the wire: the same merge
+    plain_update = lorm.merge_round(factor, sum_terms(terms, spec.terms), (A, B), 0.0)
+    for name in LAYERS:
+        _close(plain_update.factors[factor][name], update.factors[factor][name], 1e-12)
 
 
 def test_task_end_fold_from_summed_grams_equals_the_plain_fold():
@@ -110,9 +129,12 @@ def test_task_end_fold_from_summed_grams_equals_the_plain_fold():
     clients = [_client(rng, "A", 0.0, n)[1] for n in (10, 20)]
     plain, secure = TaskSums(), TaskSums()
     plain.fold(A, B, {name: sum(g[name] for g in clients) for name in LAYERS})
-    terms = [task_end_contribution({k: g[k] for k in LAYERS}, 10) for g in clients]
-    assert {k: tuple(t.shape) for k, t in terms[0].items()} == task_end_layout(LAYERS, {n: False for n in LAYERS})
-    secure.fold(A, B, unpack({k: sum(t[k] for t in terms) for k in terms[0]}, "gram/", {}))
+    lorm = METHODS["lorm"]
+    spec = lorm.reply_spec(GRAMS, "", Dims(LAYERS, R, HEAD_D, {n: False for n in [*LAYERS, "head"]}), HEAD_ROWS)
+    order = RoundOrder(task=0, round=5, factor="", block=(0, HEAD_ROWS), A=A, B=B)
+    terms = [lorm.terms(order, ClientReply(0, 5, "", 10, {k: g[k] for k in LAYERS})) for g in clients]
+    sums = _secure(terms, spec.terms)
+    secure.fold(A, B, {name: sums[f"gram/{name}"] for name in LAYERS})
     for name in LAYERS:
         _close(secure.delta()[name], plain.delta()[name], 1e-10)
 
@@ -166,7 +188,7 @@ def test_values_beyond_the_agreed_exponents_are_refused_not_clipped():
     "override, message",
     [
         ({"privacy": "secagg"}, "needs min-clients >= 2"),
-        ({"privacy": "secagg", "min-clients": 2, "strategy": "fedavg-lora"}, "strategy 'lorm' only"),
+        ({"privacy": "secagg", "min-clients": 2, "strategy": "regmean"}, "merges every client's own factors"),
         ({"secagg-num-shares": 2}, "must be >= 3"),
         ({"secagg-num-shares": 3, "secagg-reconstruction-threshold": 3}, "above secagg-reconstruction-threshold"),
         ({"secagg-reconstruction-threshold": 2.5}, "a whole count"),
@@ -229,20 +251,14 @@ TINY = dict(
 )
 
 
-def _secure_strategy(run: RunConfig, folder):
-    from common.experiment import build_experiment
-    from server.report import RunReport
-    from server.secagg import SecAggLoRMStrategy
-
-    return SecAggLoRMStrategy(build_experiment(run, "", "cpu", ""), RunReport(folder), "test", merge_device="cpu")
-
-
 def _run_secure(run: RunConfig, folder, fail=None):
     from client.client_app import app
+    from deploy.inprocess import schedule_for
+    from server.secagg import SecureAggregation
 
     grid = DirectGrid(app, run.model_dump(by_alias=True), K, fail=fail)
     with server_identity():
-        return _secure_strategy(run, folder).run_schedule(SecAggPlusSum(grid, run))
+        return schedule_for(run, folder).run(SecureAggregation(SecAggPlusSum(grid, run), run))
 
 
 def _assert_same_model(got, want, rtol: float) -> None:
@@ -256,12 +272,13 @@ def _assert_same_model(got, want, rtol: float) -> None:
             _close(getattr(got.sums, key)[name], t, rtol)
 
 
-def test_secure_schedule_ends_where_the_plain_one_does(tmp_path):
-    from deploy.inprocess import InProcessTransport, strategy_for
+@pytest.mark.parametrize("strategy", ["lorm", "ffa-lora"])
+def test_secure_schedule_ends_where_the_plain_one_does(tmp_path, strategy):
+    from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
 
-    plain_run = RunConfig(**TINY)
-    plain = strategy_for(plain_run, tmp_path / "plain").run_schedule(InProcessTransport(plain_run, K))
-    secure = _run_secure(RunConfig(**TINY, privacy="secagg"), tmp_path / "secure")
+    plain_run = RunConfig(**TINY, strategy=strategy)
+    plain = run_in_process(schedule_for(plain_run, tmp_path / "plain"), InProcessTransport(plain_run, K))
+    secure = _run_secure(RunConfig(**TINY, strategy=strategy, privacy="secagg"), tmp_path / "secure")
     # float32 Grams in plain mode and 2^30-level fixed point here: both far below this; a lost or doubled
     # client, a wrong scale or a transposed term would be off by far more than that
     _assert_same_model(secure, plain, rtol=1e-4)
@@ -273,11 +290,10 @@ def test_secure_schedule_ends_where_the_plain_one_does(tmp_path):
 def test_a_sum_that_is_not_a_gram_fails_the_round_with_a_clear_error(tmp_path, monkeypatch):
     import client.secagg
 
-    def poisoned(*args):  # what a malicious client could send: its Gram negated
-        terms = round_contribution(*args)
-        return {k: -t if k.startswith("den/") else t for k, t in terms.items()}
+    def poisoned(terms, layout):  # what a malicious client could send: its Gram negated
+        return {k: -t if k.startswith("den/") else t for k, t in wire_terms(terms, layout).items()}
 
-    monkeypatch.setattr(client.secagg, "round_contribution", poisoned)
+    monkeypatch.setattr(client.secagg, "wire_terms", poisoned)
     with pytest.raises(RoundFailed, match="task 0 round 0: unusable secure sum: den/.*negative diagonal"):
         _run_secure(RunConfig(**TINY | {"rounds_per_task": 1}, privacy="secagg"), tmp_path / "poisoned")
 
@@ -300,7 +316,7 @@ def test_flower_simulation_in_secagg_mode_ends_where_the_plain_run_does(tmp_path
     cost of a second simulation."""
     import io
 
-    from deploy.inprocess import InProcessTransport, strategy_for
+    from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
     from deploy.processes import ROOT, flwr_run, run_status
     from deploy.simulate import simulation_superlink
 
@@ -317,7 +333,7 @@ def test_flower_simulation_in_secagg_mode_ends_where_the_plain_run_does(tmp_path
     assert log.getvalue().count("Secure aggregation completed") == 6  # 2 rounds + 1 task end, probe + sum each
 
     run = RunConfig(**TINY | {"min_clients": 3})
-    plain = strategy_for(run, tmp_path / "plain").run_schedule(InProcessTransport(run, K))
+    plain = run_in_process(schedule_for(run, tmp_path / "plain"), InProcessTransport(run, K))
     secure = torch.load(out_dir / "secagg" / "state.pt", weights_only=False)
     for key in ("A", "B"):
         for name, t in getattr(plain, key).items():

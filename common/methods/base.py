@@ -1,0 +1,175 @@
+"""What a federated method is, and the registry of methods.
+
+A method states, in its own module, everything the rest of the app asks of it:
+- ``schedule``: which factors each round of a task trains ("B", "A", "AB");
+- ``past_mode``: what clients train on and pass their Grams through (see ``PastMode``);
+- ``round_layout`` / ``backbone_terms``: what a client adds to the round's reduction over clients, per layer;
+- ``merge_backbone``: the server merge, a pure function from the reduced terms to new tensors;
+- ``end_task`` / ``eval_deltas``: what a finished task leaves behind, and the backbone delta evaluated.
+
+The head block, the sample count and the loss are the same for every method and handled here. Register a method
+with ``@register_method``; nothing else in the app names one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from common.layout import GRAMS, TRAIN, Dims, ReplySpec, Term
+from common.merges import MergeError, TaskSums, delta_sum, head_from_sums, times_gram
+from common.model import HEAD
+from common.protocol import ClientReply, RoundOrder
+
+Adapter = tuple[dict[str, Tensor], dict[str, Tensor]]  # (A: layer -> (r, d_in), B: layer -> (d_out, r))
+# "mean" (LoRM): clients train on W0 and pass Grams through W0 + the mean of the past and current task deltas;
+# "sum": clients train, and pass Grams, through W0 + the sum of the past deltas.
+PastMode = Literal["mean", "sum"]
+COUNT_N, COUNT_NLOSS = "count/n", "count/nloss"
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """A round's merge: the new factors (absent ones stay), the task's head block, and optionally a finished
+    delta that joins the past (the next round then starts from a fresh adapter)."""
+
+    factors: dict[str, dict[str, Tensor]]
+    head_weight: Tensor  # (m, d)
+    head_bias: Tensor  # (m,)
+    finished: Adapter | None = None
+
+
+@dataclass
+class CrossTask:
+    """What the finished tasks leave: the deltas clients need (``past``) and the running Gram sums (LoRM)."""
+
+    past: list[Adapter] = field(default_factory=list)
+    sums: TaskSums = field(default_factory=TaskSums)
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    past_mode: ClassVar[PastMode]
+    round_grams: ClassVar[bool]  # replies carry input Grams; the head is then merged by RegMean, else averaged
+    task_end_grams: ClassVar[bool] = False  # a Gram query at each task end, handed to ``end_task``
+
+    @abstractmethod
+    def schedule(self, rounds: int) -> list[str]:
+        """The factors trained in each of a task's rounds."""
+
+    def projects(self, factor: str) -> bool:
+        """Whether this round's replies carry A G A^T instead of the layers' Grams."""
+        return False
+
+    @property
+    def summable(self) -> bool:
+        """Every round's terms are plain sums over clients (what secure aggregation can carry)."""
+        dims = Dims({"layer": (2, 2)}, 1, 2, {"layer": False, HEAD: False})
+        return all(self.reply_spec(TRAIN, f, dims, 1).summable for f in set(self.schedule(2)))
+
+    # -- what a reply holds --------------------------------------------------------------------------------------
+    @abstractmethod
+    def round_layout(self, factor: str, dims: Dims) -> dict[str, Term]:
+        """The backbone terms of a round, per layer."""
+
+    @abstractmethod
+    def backbone_terms(self, factor: str, reply: ClientReply, shared: Adapter) -> dict[str, Tensor]:
+        """One client's backbone terms (float64), as ``round_layout`` states them; ``shared``: the order's (A, B)."""
+
+    def reply_spec(self, kind: str, factor: str, dims: Dims, head_rows: int) -> ReplySpec:
+        """The layout of a reply to a round order (``kind`` TRAIN) or a task-end Gram query (GRAMS)."""
+        if kind == GRAMS:
+            grams = {name: dims.gram(name) for name in dims.shapes}
+            terms = {f"gram/{name}": Term(g.shape, gram=True) for name, g in grams.items()}
+            return ReplySpec(kind, "", {}, grams, terms | {COUNT_N: Term((1,))})
+        if kind != TRAIN:
+            raise ValueError(f"unknown message type {kind!r}")
+        tensors = {f"{f}:{name}": dims.factor_shape(f, name) for f in factor for name in dims.shapes}
+        tensors |= {"head.weight": (head_rows, dims.head_in), "head.bias": (head_rows,)}
+        grams = {}
+        if self.round_grams:
+            grams = {name: dims.gram(name, self.projects(factor)) for name in dims.shapes} | {HEAD: dims.gram(HEAD)}
+        head = {"head/nb": Term((head_rows,))}
+        if self.round_grams:
+            head |= {"head/WG": Term((head_rows, dims.head_in), over="head/G"),
+                     "head/G": Term(dims.gram(HEAD).shape, gram=True)}
+        else:
+            head |= {"head/nW": Term((head_rows, dims.head_in))}
+        counts = {COUNT_N: Term((1,)), COUNT_NLOSS: Term((1,))}
+        return ReplySpec(kind, factor, tensors, grams, self.round_layout(factor, dims) | head | counts)
+
+    def terms(self, order: RoundOrder, reply: ClientReply) -> dict[str, Tensor]:
+        """Everything one client adds to the reduction (float64, shapes as ``reply_spec`` states them)."""
+        n = float(reply.num_examples)
+        count = {COUNT_N: torch.tensor([n], dtype=torch.float64)}
+        if not order.factor:
+            return {f"gram/{name}": g.to(torch.float64) for name, g in reply.grams.items()} | count
+        assert reply.head_weight is not None and reply.head_bias is not None  # validated: a round reply has them
+        W, b = reply.head_weight.to(torch.float64), reply.head_bias.to(torch.float64)
+        out = self.backbone_terms(order.factor, reply, (order.A, order.B)) | {"head/nb": b * n}
+        if self.round_grams:
+            G = reply.grams[HEAD].to(torch.float64)
+            out |= {"head/WG": times_gram(W, G), "head/G": G}
+        else:
+            out |= {"head/nW": W * n}
+        # A client with no samples reports loss NaN; it weighs nothing, so it adds 0.
+        nloss = n * reply.train_loss if n else 0.0
+        return out | count | {COUNT_NLOSS: torch.tensor([nloss], dtype=torch.float64)}
+
+    # -- the server's side ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def merge_backbone(
+        self, factor: str, sums: Mapping[str, Tensor], adapter: Adapter, ridge: float
+    ) -> tuple[dict[str, dict[str, Tensor]], Adapter | None]:
+        """(new factors by name, a finished delta or None) from the round's reduced terms."""
+
+    def merge_round(self, factor: str, sums: Mapping[str, Tensor], adapter: Adapter, ridge: float) -> RoundUpdate:
+        n = float(sums[COUNT_N].item())
+        if not n > 0:
+            raise MergeError(f"the round's replies hold {n:g} samples")
+        if self.round_grams:
+            W, b = head_from_sums(sums["head/WG"], sums["head/G"], sums["head/nb"], n, ridge)
+        else:
+            W, b = sums["head/nW"] / n, sums["head/nb"] / n
+        factors, finished = self.merge_backbone(factor, sums, adapter, ridge)
+        return RoundUpdate(factors, W, b, finished)
+
+    def end_task(self, adapter: Adapter, cross: CrossTask, grams: Mapping[str, Tensor] | None) -> CrossTask:
+        """The task's merged adapter joins the past (``grams``: the task-end Gram sums, if the method asks)."""
+        return CrossTask(cross.past + [adapter], cross.sums)
+
+    def eval_deltas(self, cross: CrossTask, layers: list[str], ridge: float) -> dict[str, Tensor]:
+        """The backbone delta evaluated after a task: the sum of the past deltas (float64, (d_out, d_in))."""
+        return delta_sum(cross.past, layers, dtype=torch.float64)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def sum_terms(replies: list[dict[str, Tensor]], layout: Mapping[str, Term]) -> dict[str, Tensor]:
+    """The terms reduced over clients in reply order: summed, or concatenated where ``stack`` says so."""
+    if not replies:
+        raise MergeError("nothing to reduce: no client")
+    out = {}
+    for key, term in layout.items():
+        parts = [r[key] for r in replies]
+        if term.stack is not None:
+            out[key] = torch.cat(parts, dim=term.stack)
+        else:
+            total = parts[0]
+            for p in parts[1:]:
+                total = total + p
+            out[key] = total
+    return out

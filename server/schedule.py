@@ -1,0 +1,167 @@
+"""The class-incremental schedule: tasks, rounds, a checkpoint after each step, evaluation at each task end.
+
+    for each task t:      fresh adapter (B = 0, A from a seed every client shares), the task's head block
+        for each round:   clients train the round's factors + head block -> the method's merge
+        task end:         (if the method asks) clients' Grams -> the method's task-end rule
+                          evaluate W0 + the method's delta on every task seen -> one row of the accuracy matrix
+
+The method (common/methods/) says what each step computes and the aggregation (server/aggregation.py) how the
+replies are gathered; this module names neither a method nor a privacy mode. Only replies that pass validation
+enter a merge, so a client that fails or times out is left out of that round (and logged) while at least
+``min-clients`` replied.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from logging import INFO
+
+import torch
+from flwr.common.logger import log
+from torch import Tensor
+
+from common.experiment import Experiment, stable_seed
+from common.layout import GRAMS, TRAIN
+from common.lora import init_adapter
+from common.merges import MergeError, TaskSums
+from common.methods import CrossTask
+from common.protocol import RoundOrder
+from server.aggregation import Aggregation
+from server.evaluation import evaluate_seen
+from server.report import RunReport
+from server.state import ServerState
+from server.transport import RoundFailed
+
+
+class Schedule:
+    def __init__(self, exp: Experiment, report: RunReport, fingerprint: str, merge_device: str) -> None:
+        self.exp, self.config, self.method = exp, exp.run, exp.run.method
+        self.report = report
+        self.fingerprint = fingerprint
+        self.merge_device = merge_device
+        self.checkpoint = report.folder / "state.pt"
+        self.state = self._initial_state()
+
+    def _fresh_adapter(self, *seed: int) -> tuple[dict, dict]:
+        return init_adapter(self.exp.shapes, self.config.rank, seed=stable_seed(self.config.seed, *seed))
+
+    def _initial_state(self) -> ServerState:
+        if self.checkpoint.exists():
+            state = ServerState.load(self.checkpoint, self.fingerprint)
+            log(INFO, "resuming from %s at task %d round %d", self.checkpoint, state.task, state.round)
+            return state
+        A, B = self._fresh_adapter(0)
+        head = self.exp.model.head
+        return ServerState(
+            task=0, round=0, A=A, B=B, sums=TaskSums(),
+            head_weight=torch.zeros_like(head.weight, device="cpu"),
+            head_bias=torch.zeros_like(head.bias, device="cpu"),
+        )
+
+    def _save(self) -> None:
+        self.state.save(self.checkpoint, self.fingerprint)
+        self.report.write_rounds(self.state.history)
+
+    def summary(self) -> str:
+        r = self.config
+        return (
+            f"{r.strategy}: {len(self.exp.tasks)} tasks x {r.rounds_per_task} rounds "
+            f"({' '.join(self.method.schedule(r.rounds_per_task))}), rank {r.rank}, alpha backbone "
+            f"{r.alpha_backbone:.2f} / head {r.alpha_head:.2f}, {len(self.exp.shapes)} adapted layers"
+        )
+
+    def _order(self, factor: str) -> RoundOrder:
+        s = self.state
+        lo, hi = self.exp.block(s.task)
+        return RoundOrder(
+            task=s.task, round=s.round, factor=factor, block=(lo, hi), A=s.A, B=s.B, past=s.past,
+            head_weight=s.head_weight[lo:hi] if factor else None, head_bias=s.head_bias[lo:hi] if factor else None,
+            past_mode=self.method.past_mode,
+        )
+
+    def _exchange(self, aggregation: Aggregation, kind: str, factor: str):
+        lo, hi = self.exp.block(self.state.task)
+        spec = self.method.reply_spec(kind, factor, self.exp.dims, hi - lo)
+        return aggregation.exchange(self._order(factor), spec, self.method)
+
+    def _on_device(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: t.to(self.merge_device) for key, t in terms.items()}
+
+    def run(self, aggregation: Aggregation) -> ServerState:
+        """Every remaining round and task end, checkpointed after each; returns the final state."""
+        log(INFO, "%s", self.summary())
+        s, tasks, rounds = self.state, self.exp.tasks, self.config.rounds_per_task
+        factors = self.method.schedule(rounds)
+        while s.task < len(tasks):
+            while s.round < rounds:
+                started = time.perf_counter()
+                record = {"task": s.task, "round": s.round, "factor": factors[s.round]}
+                record |= self._round(aggregation, factors[s.round])
+                record["wall_s"] = time.perf_counter() - started
+                s.history.append(record)
+                s.round += 1
+                self._save()
+                log(
+                    INFO,
+                    "[task %d/%d round %d/%d %s] %d clients, loss %.4f, merge %.3f s, up %.1f kB/client, %.1f s",
+                    s.task + 1, len(tasks), s.round, rounds, record["factor"], record["clients"],
+                    record["train_loss"], record["merge_s"], record["uplink_bytes_per_client"] / 1e3,
+                    record["wall_s"],
+                )
+            self._task_end(aggregation)
+        return s
+
+    def _round(self, aggregation: Aggregation, factor: str) -> dict:
+        """One round's exchange and merge; returns the round's record fields."""
+        s = self.state
+        gathered = self._exchange(aggregation, TRAIN, factor)
+        started = time.perf_counter()
+        try:
+            update = self.method.merge_round(factor, self._on_device(gathered.terms), (s.A, s.B), self.config.ridge)
+            factors = {f: stored(t) for f, t in update.factors.items()}
+            head = stored({"head weight": update.head_weight, "head bias": update.head_bias})
+            finished = tuple(stored(f) for f in update.finished) if update.finished else None
+        except MergeError as err:
+            raise RoundFailed(f"task {s.task} round {s.round}: {err}") from None
+        s.A, s.B = factors.get("A", s.A), factors.get("B", s.B)
+        lo, hi = self.exp.block(s.task)
+        s.head_weight[lo:hi], s.head_bias[lo:hi] = head["head weight"], head["head bias"]
+        if finished:  # the round's merged delta joins the past; the next round starts a fresh adapter
+            s.past.append(finished)
+            s.A, s.B = self._fresh_adapter(s.task, s.round + 1)
+        return gathered.record | {"merge_s": time.perf_counter() - started}
+
+    def _task_end(self, aggregation: Aggregation) -> None:
+        s, method = self.state, self.method
+        grams = None
+        if method.task_end_grams:
+            terms = self._exchange(aggregation, GRAMS, "").terms  # the running sums stay on the CPU, as checkpointed
+            grams = {key[len("gram/"):]: t for key, t in terms.items() if key.startswith("gram/")}
+        cross = method.end_task((s.A, s.B), CrossTask(s.past, s.sums), grams)
+        s.past, s.sums = cross.past, cross.sums
+        deltas = method.eval_deltas(cross, list(self.exp.shapes), self.config.ridge)
+        row, aware = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
+        s.acc.append(row)
+        s.task_aware.append(aware)
+        result = self.report.write_results(s.acc, {"tasks_done": s.task + 1}, s.task_aware)
+        log(
+            INFO,
+            "[task %d/%d done] accuracy per task %s -> average %.2f%% (task-aware %.2f%%)",
+            s.task + 1, len(self.exp.tasks), " ".join(f"{a:.1f}" for a in row), result["faa"],
+            result.get("task_aware_faa", math.nan),
+        )
+        s.task += 1
+        s.round = 0
+        if s.task < len(self.exp.tasks):
+            s.A, s.B = self._fresh_adapter(s.task)
+        self._save()
+
+
+def stored(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A merge's result as the state keeps it (float32, CPU); a non-finite one is refused, never stored."""
+    out = {name: t.to(torch.float32).cpu() for name, t in tensors.items()}
+    for name, t in out.items():
+        if not torch.isfinite(t).all():
+            raise MergeError(f"merged {name} is not finite in float32; the state stays at the last round")
+    return out
