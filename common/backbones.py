@@ -58,6 +58,22 @@ def _existing_file(path: str | Path) -> Path:
     return path
 
 
+def _read_state(path: Path) -> dict[str, Tensor]:
+    """The file's tensors through timm's reader (torch.load with weights_only=True, or safetensors). A file it
+    cannot read is a BackboneError naming it: torch's own message advises weights_only=False, i.e. running
+    whatever code the file holds, which a user must not do with a file that fails to load."""
+    try:
+        state = load_state_dict(str(path))
+    except Exception as err:  # torch, pickle and safetensors raise many types for a bad file
+        raise BackboneError(
+            f"weights {str(path)!r} is not a readable state dict of tensors ({type(err).__name__}); expected a "
+            "PyTorch state dict (.pth/.bin) or .safetensors (a ViT also takes a big_vision .npz)"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise BackboneError(f"weights {str(path)!r} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
 def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
     """load_state_dict(strict=True), with missing / unexpected / mis-shaped keys named in a BackboneError."""
     try:
@@ -136,7 +152,7 @@ def efficientnet_lite0(weights: str | None = None, *, keep_classifier: bool = Fa
     model keeps the file's classifier (ImageNet logits (N, 1000)).
     """
     path = _existing_file(weights) if weights else packaged_efficientnet_lite0_weights()
-    state = load_state_dict(str(path))
+    state = _read_state(path)
     style = next((key for key in _EFFNET_KEY_STYLES if key in state), None)
     if style is None:
         raise BackboneError(f"weights {str(path)!r}: neither EfficientNet-PyTorch nor timm key names")
@@ -168,10 +184,10 @@ def load_vit_file(model: VisionTransformer, weights: str) -> VisionTransformer:
     if path.suffix == ".npz":
         try:
             model.load_pretrained(str(path))
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise BackboneError(f"weights {str(path)!r} do not fit {type(model).__name__}: {e!r}") from e
+        except Exception as e:  # numpy's reader and timm's loader raise many types for a bad or foreign file
+            raise BackboneError(f"weights {str(path)!r} do not fit {type(model).__name__}: {e!r}") from None
         return model
-    state = checkpoint_filter_fn(load_state_dict(str(path)), model)
+    state = checkpoint_filter_fn(_read_state(path), model)
     _load_strict(model, {k: v for k, v in state.items() if not k.startswith("head.")}, path)
     return model
 

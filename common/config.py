@@ -9,6 +9,7 @@ repeats them for Flower, and a test keeps the two equal.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -17,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.backbones import BACKBONES
 from common.data import STREAMS
 from common.methods import METHODS, Method
+
+
+# A run's folder name: no separators, no "..", nothing hidden, so it always stays inside output-dir.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def _kebab(name: str) -> str:
@@ -78,9 +83,16 @@ class RunConfig(_Config):
     )
     seed: int = 0
     min_clients: int = Field(1, ge=1, description="a round fails when fewer clients reply")
+    num_partitions: int = Field(
+        0, ge=0,
+        description="the SuperNodes' num-partitions, checked against every reply; 0 = the value most nodes report "
+        "at the start-up check, then required of every node",
+    )
     round_timeout: float = Field(900.0, gt=0)
     output_dir: str = "outputs"
-    run_name: str = Field("", description="results folder name; empty = run-<flower run id>")
+    run_name: str = Field(
+        "", description="results folder name (letters, digits, '.', '_', '-'); empty = run-<flower run id>"
+    )
     device: str = "auto"
     eval_batch_size: int = Field(128, ge=1)
     privacy: Literal["plain", "secagg"] = Field(
@@ -102,6 +114,16 @@ class RunConfig(_Config):
         ):
             if value not in registry:
                 raise ValueError(f"{key} {value!r} is not one of {sorted(registry)}")
+        if self.run_name and not SAFE_NAME.fullmatch(self.run_name):
+            raise ValueError(
+                f"run-name {self.run_name!r} must be a plain folder name (letters, digits, '.', '_', '-', not "
+                "starting with '.'): it names a folder inside output-dir"
+            )
+        if self.num_partitions and self.min_clients > self.num_partitions:
+            raise ValueError(
+                f"min-clients {self.min_clients} exceeds num-partitions {self.num_partitions}: a round counts one "
+                "reply per partition, so it could never have enough"
+            )
         if self.privacy == "secagg" and self.min_clients < 2:
             raise ValueError("privacy 'secagg' needs min-clients >= 2: the sum of one client is that client's data")
         if self.privacy == "secagg" and not self.method.summable:
@@ -143,10 +165,22 @@ class NodeConfig(_Config):
         return self
 
 
-def resolve_device(requested: str) -> str:
-    """'auto' picks CUDA when this machine has it; anything else is passed to torch as given."""
+def resolve_device(requested: str, key: str = "run config device") -> str:
+    """'auto' picks CUDA when this machine has it; anything else must be a device this machine has (ConfigError
+    naming ``key`` otherwise, at start-up instead of torch's error at the first tensor moved there)."""
     import torch
 
     if requested in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    usable = "use auto, cpu, cuda, cuda:<index> or mps"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key} {requested!r} is not a torch device; {usable}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise ConfigError(f"{key} {requested!r}: this machine has {count} CUDA device(s); {usable}")
+    elif device.type != "cpu" and not (device.type == "mps" and torch.backends.mps.is_available()):
+        raise ConfigError(f"{key} {requested!r} is not available on this machine; {usable}")
     return requested

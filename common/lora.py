@@ -103,6 +103,11 @@ class LoRALayer(nn.Module):
         base.requires_grad_(False)
         self.base = base
         d_out, d_in = self.kind.matrix(base.weight).shape
+        if rank > min(d_out, d_in):
+            # The merges invert r x r Grams (A G A^T, B^T B), singular when B A is wider than the layer.
+            raise AdapterError(
+                f"layer {name!r} ({d_out} x {d_in}): LoRA rank {rank} exceeds its width; use rank <= {min(d_out, d_in)}"
+            )
         like = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.A = nn.Parameter(torch.zeros(rank, d_in, **like))
         self.B = nn.Parameter(torch.zeros(d_out, rank, **like))

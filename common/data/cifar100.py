@@ -20,11 +20,22 @@ FOLDER = "cifar-100-python"
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "lorm-flower" / "data"
 
 
-def _unpickle(path: Path) -> dict[bytes, object]:
+def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict[bytes, object]:
+    """The pickled dict at ``path``, which must hold ``keys``; anything else is a DataError naming the file."""
     if not path.is_file():
         raise DataError(f"cifar100: {path} is missing; delete {path.parent} to download CIFAR-100 again")
-    with path.open("rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with path.open("rb") as f:
+            raw = pickle.load(f, encoding="bytes")
+    except Exception as err:  # truncated or foreign files raise many types (UnpicklingError, EOFError, ...)
+        raw = err
+    if not isinstance(raw, dict) or not all(k in raw for k in keys):
+        what = f"{type(raw).__name__}: {raw}" if isinstance(raw, Exception) else f"a {type(raw).__name__}"
+        raise DataError(
+            f"cifar100: {path} is not a CIFAR-100 python pickle with {[k.decode() for k in keys]} ({what}); "
+            f"delete {path.parent} to download CIFAR-100 again"
+        )
+    return raw
 
 
 def _download(root: Path) -> None:
@@ -56,16 +67,27 @@ def load_cifar100(
     root = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
     if not (root / FOLDER).is_dir():
         _download(root)
-    names = [n.decode() for n in _unpickle(root / FOLDER / "meta")[b"fine_label_names"]]
+    meta = _unpickle(root / FOLDER / "meta", (b"fine_label_names",))
+    names = [bytes(n).decode() for n in meta[b"fine_label_names"]]
     if len(names) != 100:
         raise DataError(f"cifar100: {root / FOLDER / 'meta'} lists {len(names)} fine classes, expected 100")
     splits = {}
     for split, cap in (("train", max_train_per_class), ("test", max_test_per_class)):
-        raw = _unpickle(root / FOLDER / split)
-        labels = np.asarray(raw[b"fine_labels"], dtype=np.int64)
+        path = root / FOLDER / split
+        raw = _unpickle(path, (b"fine_labels", b"data"))
+        try:
+            labels = np.asarray(raw[b"fine_labels"], dtype=np.int64)
+            # Rows are 3072 bytes: the red plane, then green, then blue, each 32x32 row-major.
+            data = np.asarray(raw[b"data"], dtype=np.uint8)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"cifar100: {path} holds labels or data that are not arrays of integers ({err})") from None
+        if labels.ndim != 1 or data.shape != (len(labels), 3072):
+            raise DataError(f"cifar100: {path} holds data of shape {data.shape} for {labels.shape} labels, expected "
+                            "(N, 3072) for N labels")
+        if labels.size and not 0 <= labels.min() <= labels.max() < 100:
+            raise DataError(f"cifar100: {path} has labels outside 0..99 (from {labels.min()} to {labels.max()})")
         keep = cap_per_class(labels, cap, seed)
-        # Rows are 3072 bytes: the red plane, then green, then blue, each 32x32 row-major.
-        images = torch.from_numpy(np.asarray(raw[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)[keep].copy())
+        images = torch.from_numpy(data.reshape(-1, 3, 32, 32)[keep].copy())
         splits[split] = (ImageArrayDataset(images, labels[keep], img_size=img_size, mean=mean, std=std), labels[keep])
     (train, train_labels), (test, test_labels) = splits["train"], splits["test"]
     return Stream("cifar100", [f"cifar100/{n}" for n in names], tasks, train, test, train_labels, test_labels)
