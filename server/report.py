@@ -1,20 +1,27 @@
 """Results a person can read: the run folder's JSON, CSV and PNG files.
 
     <output-dir>/<run-name>/
-        config.json       the validated run config
+        config.json       the validated run config (written at the run's first checkpoint: a run refused at
+                          start-up, or resumed with nothing left to do, leaves the folder as it was)
         rounds.csv        one line per round: task, round, factor, clients, loss, bytes, merge and wall time
         acc_matrix.csv    acc[t][j] (%) after task t on task j's classes (empty when j > t)
         metrics.json      FAA, average forgetting, accuracy per task after each task, the matrix, wall time, and
-                          the task-aware FAA and matrix (argmax within each task's classes: a diagnostic)
+                          the task-aware FAA and matrix (argmax within each task's classes: a diagnostic);
+                          wall_s adds up the schedule's time over every session of a resumed run
         acc_matrix.png    heatmap of the matrix
         faa.png           average accuracy over the tasks seen, after each task
         state.pt          the server checkpoint (see server/state.py)
+        .lock             held by the ServerApp running the folder's run (RunReport.locked)
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +62,38 @@ def summary(acc: list[list[float]], task_aware: list[list[float]] | None = None)
     return result
 
 
+class RunLocked(RuntimeError):
+    """Another process holds the run folder: two ServerApps with one run-name would both write its checkpoint."""
+
+
 class RunReport:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock (an flock on <folder>/.lock, freed by the kernel when the process dies) for the
+        whole run; RunLocked at once, naming the holder's pid, when another process has it."""
+        with open(self.folder / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise RunLocked(
+                    f"run folder {self.folder} is in use by another run (pid {f.read().strip() or '?'}); wait for it "
+                    "to end or choose another run-name"
+                ) from None
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def read_results(self) -> dict[str, Any]:
+        return json.loads((self.folder / "metrics.json").read_text())
 
     def write_config(self, config: dict[str, Any]) -> None:
         (self.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -42,6 +42,8 @@ class Schedule:
         self.merge_device = merge_device
         self.checkpoint = report.folder / "state.pt"
         self.state = self._initial_state()
+        # This session's clock, from the time earlier sessions had run; config.json waits for the first checkpoint.
+        self._clock, self._wall_before, self._config_written = time.perf_counter(), self.state.wall_s, False
 
     def _fresh_adapter(self, *seed: int) -> tuple[dict, dict]:
         return init_adapter(self.exp.shapes, self.config.rank, seed=stable_seed(self.config.seed, *seed))
@@ -59,7 +61,15 @@ class Schedule:
             head_bias=torch.zeros_like(head.bias, device="cpu"),
         )
 
+    @property
+    def finished(self) -> bool:
+        return self.state.task >= len(self.exp.tasks)
+
     def _save(self) -> None:
+        if not self._config_written:  # only a run that did work writes it, so a refused one never overwrites it
+            self.report.write_config(self.config.model_dump(by_alias=True))
+            self._config_written = True
+        self.state.wall_s = self._wall_before + time.perf_counter() - self._clock
         self.state.save(self.checkpoint, self.fingerprint)
         self.report.write_rounds(self.state.history)
 

@@ -25,20 +25,34 @@ app = ServerApp()
 def execute(run: RunConfig, name: str, drive: Callable[[Schedule], ServerState]) -> dict[str, Any]:
     """The whole run (or the rest of it, from its checkpoint); returns metrics.json's content.
 
-    ``drive`` runs the schedule: over Flower (``FCILStrategy(schedule).start(grid)``) or in process.
+    ``drive`` runs the schedule: over Flower (``FCILStrategy(schedule).start(grid)``) or in process. The run
+    folder is locked throughout (RunLocked when another process has it); nothing in it is written before the
+    first checkpoint, so a run refused at start-up (bad checkpoint, bad node, bad data) leaves it as it was.
     """
     device = resolve_device(run.device)
     report = RunReport(Path(run.output_dir).expanduser().resolve() / name)
+    with report.locked():
+        return _execute(run, name, report, device, drive)
+
+
+def _execute(
+    run: RunConfig, name: str, report: RunReport, device: str, drive: Callable[[Schedule], ServerState]
+) -> dict[str, Any]:
     settings = run.model_dump(by_alias=True)
-    report.write_config(settings)
-    log(INFO, "%s run %s: results in %s (device %s)", run.strategy, name, report.folder, device)
-    started = time.perf_counter()
+    # A run stops for good when its SuperLink restarts (Flower marks it failed): say how to continue it.
+    log(INFO, "%s run %s: results in %s (device %s); if the run stops, submitting it again with run-name=%r "
+        "resumes it from its last checkpoint", run.strategy, name, report.folder, device, name)
     exp = build_experiment(run, run.data_dir, device)
     # Only settings that change results enter the fingerprint: a resumed run may get a new timeout or folder.
     fingerprint = config_fingerprint(
         {k: v for k, v in settings.items() if k not in ("round-timeout", "output-dir", "run-name", "device")}
     )
-    state = drive(Schedule(exp, report, fingerprint, merge_device=device))
+    schedule = Schedule(exp, report, fingerprint, merge_device=device)
+    if schedule.finished:
+        log(INFO, "run %s finished earlier: nothing to do, %s left as it was", name, report.folder)
+        return report.read_results()
+    started = time.perf_counter() - schedule.state.wall_s  # a resumed run's wall time adds up its sessions
+    state = drive(schedule)
     result = report.write_results(
         state.acc, {"tasks_done": len(state.acc), "wall_s": time.perf_counter() - started}, state.task_aware
     )

@@ -45,6 +45,7 @@ class ServerState:
     acc: list[list[float]] = field(default_factory=list)  # acc[t][j], j <= t
     task_aware: list[list[float]] = field(default_factory=list)  # the same, argmax within task j's classes
     history: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0  # seconds the schedule has run, over every session up to this checkpoint
 
     def save(self, path: Path, fingerprint: str) -> None:
         payload = {
@@ -61,8 +62,9 @@ class ServerState:
             "acc": self.acc,
             "task_aware": self.task_aware,
             "history": self.history,
+            "wall_s": self.wall_s,
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # a name no other writer shares
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -94,4 +96,5 @@ class ServerState:
             acc=payload["acc"],
             task_aware=payload.get("task_aware", []),  # absent from checkpoints written before it existed
             history=payload["history"],
+            wall_s=payload.get("wall_s", 0.0),  # absent from checkpoints written before it existed
         )
