@@ -20,6 +20,10 @@ loaded into the evaluation), the combination with the best validation FAA (the f
 table's run then trains on all training samples with it and is evaluated on the test split. The validation FAA
 of every combination goes to <out>/tuning.md (tuning uses the first seed only).
 
+The first strategy is the reference: every other row of the same beta shows its mean FAA difference to it over
+the same seeds with a 95 % confidence interval (paired t: a seed fixes the splits, initialisations and data
+order, so each pair differs by the method only). A difference whose interval excludes 0 is resolved.
+
 ``--seeds N`` repeats every table run with N seeds (the run config's, then 1, 2, ...: other client splits, adapter
 initialisations and data orders) and reports the mean, with the FAA's standard deviation: on a CPU, runs of the
 same seed can also differ by a few points, because multithreaded kernels do not add in a fixed order and training
@@ -40,6 +44,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+import scipy.stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -49,8 +54,16 @@ from deploy.processes import ROOT, flwr_run, run_status  # noqa: E402
 from deploy.simulate import simulation_superlink  # noqa: E402
 
 COLUMNS = [
-    "strategy", "beta", "chosen", "seeds", "faa", "faa_std", "task_aware_faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
+    "strategy", "beta", "chosen", "seeds", "faa", "faa_std", "faa_pooled", "task_aware_faa", "forgetting",
+    "forgetting_after_learning", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB", "merge_ms",
+    "diff", "diff_low", "diff_high", "faa_seeds",
 ]
+# LoRM and both cross-task rules of each averaging baseline (fed-mammoth's default is "mean").
+DEFAULT_STRATEGIES = [
+    "lorm", "fedavg-lora:cross-task=mean", "fedavg-lora:cross-task=chain", "ffa-lora:cross-task=mean",
+    "ffa-lora:cross-task=chain", "regmean",
+]
+OWN_DELTA = " (each task on its own delta)"
 
 
 def run_flower(config: str, name: str, out: Path, supernodes: int) -> None:
@@ -110,11 +123,27 @@ def run_one(name: str, strategy: str, beta: float, overrides: str, out: Path, su
         return sum(float(r[key]) for r in rounds) / len(rounds)
 
     return {
-        "strategy": strategy, "beta": beta, "chosen": "", "faa": metrics["faa"],
+        "strategy": strategy, "beta": beta, "chosen": "", "faa": metrics["faa"], "faa_pooled": metrics["faa_pooled"],
         "task_aware_faa": metrics.get("task_aware_faa", float("nan")), "forgetting": metrics["average_forgetting"],
+        "forgetting_after_learning": metrics["forgetting_after_learning"],
         "final_acc_per_task": metrics["acc_matrix"][-1], "wall_s": metrics["wall_s"],
         "uplink_kB": mean("uplink_bytes_per_client") / 1e3, "downlink_kB": mean("downlink_bytes_per_client") / 1e3,
-        "merge_ms": 1e3 * mean("merge_s"), "faa_per_task": metrics["average_accuracy_after_task"],
+        "merge_ms": 1e3 * mean("merge_s"), "faa_per_task": metrics["average_accuracy_after_task"], "folder": folder,
+    }
+
+
+def own_delta_row(row: dict) -> dict:
+    """The diagnostic row of a finished run: every task evaluated on W0 + its own task delta (the final head),
+    class-incremental over all classes seen and task-aware; what merging the deltas into one backbone costs."""
+    from bench.ablate_task_merge import load_finished, own_delta
+
+    _, state, exp = load_finished(row["folder"])
+    acc, aware = own_delta(state, exp)
+    nan = float("nan")
+    return row | {
+        "strategy": row["strategy"] + OWN_DELTA, "faa": sum(acc) / len(acc), "faa_pooled": nan,
+        "task_aware_faa": sum(aware) / len(aware), "forgetting": nan, "forgetting_after_learning": nan,
+        "final_acc_per_task": acc, "faa_per_task": [nan] * (len(acc) - 1) + [sum(acc) / len(acc)],
     }
 
 
@@ -128,9 +157,31 @@ def aggregate(rows: list[dict]) -> dict:
 
     faas = [r["faa"] for r in rows]
     spread = statistics.stdev(faas) if len(faas) > 1 else 0.0
-    keys = ("faa", "task_aware_faa", "forgetting", "final_acc_per_task", "wall_s", "uplink_kB", "downlink_kB",
-            "merge_ms", "faa_per_task")
-    return rows[0] | {key: mean(key) for key in keys} | {"faa_std": spread, "seeds": len(rows)}
+    keys = ("faa", "faa_pooled", "task_aware_faa", "forgetting", "forgetting_after_learning", "final_acc_per_task",
+            "wall_s", "uplink_kB", "downlink_kB", "merge_ms", "faa_per_task")
+    return rows[0] | {key: mean(key) for key in keys} | {"faa_std": spread, "seeds": len(rows), "faa_seeds": faas}
+
+
+def paired_difference(faas: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Mean FAA difference to the reference over the same seeds, with its 95 % confidence interval (paired t):
+    (mean, low, high). Seeds fix the splits, initialisations and data order, so each pair differs by method only;
+    with one seed the interval is unbounded."""
+    diffs = [a - b for a, b in zip(faas, reference, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, -math.inf, math.inf
+    half = scipy.stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def add_paired_differences(rows: list[dict], reference: str) -> None:
+    """Each row's paired difference to the ``reference`` strategy's row of the same beta (the seeds pair up)."""
+    for row in rows:
+        ref = next((r for r in rows if r["strategy"] == reference and r["beta"] == row["beta"]), None)
+        if ref is None or row is ref or len(ref["faa_seeds"]) != len(row["faa_seeds"]):
+            row["diff"] = None
+            continue
+        row["diff"] = paired_difference(row["faa_seeds"], ref["faa_seeds"])
 
 
 def write_table(rows: list[dict], out: Path) -> None:
@@ -138,18 +189,24 @@ def write_table(rows: list[dict], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow(row | {"final_acc_per_task": " ".join(f"{a:.1f}" for a in row["final_acc_per_task"])})
+            diff = row.get("diff") or (math.nan,) * 3
+            writer.writerow(row | {"final_acc_per_task": " ".join(f"{a:.1f}" for a in row["final_acc_per_task"]),
+                                   "diff": diff[0], "diff_low": diff[1], "diff_high": diff[2],
+                                   "faa_seeds": " ".join(f"{a:.2f}" for a in row["faa_seeds"])})
     lines = [
-        "| strategy | beta | chosen on validation | FAA % (mean ± std over seeds) | task-aware FAA % | forgetting "
-        "| final acc per task % "
+        "| strategy | beta | chosen on validation | FAA % (mean ± std over seeds) | FAA − reference, paired, 95 % CI "
+        "| FAA pooled % | task-aware FAA % "
+        "| forgetting (best earlier) | forgetting (after learning) | final acc per task % "
         "| wall s | uplink kB/client/round | downlink kB/client/round | merge ms/round |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        diff = r.get("diff")
+        paired = "-" if diff is None else f"{diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]"
         lines.append(
             f"| {r['strategy']} | {r['beta']} | {r['chosen'] or '-'} | {r['faa']:.2f} ± {r['faa_std']:.2f} "
-            f"({r['seeds']}) | {r['task_aware_faa']:.2f} | "
-            f"{r['forgetting']:.2f} | "
+            f"({r['seeds']}) | {paired} | {r['faa_pooled']:.2f} | {r['task_aware_faa']:.2f} | "
+            f"{r['forgetting']:.2f} | {r['forgetting_after_learning']:.2f} | "
             f"{' '.join(f'{a:.1f}' for a in r['final_acc_per_task'])} | {r['wall_s']:.0f} | {r['uplink_kB']:.1f} | "
             f"{r['downlink_kB']:.1f} | {r['merge_ms']:.1f} |"
         )
@@ -210,7 +267,7 @@ def write_tuning(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", nargs="+", default=["lorm", "fedavg-lora", "ffa-lora", "regmean"],
+    parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES,
                         help=f"from {sorted(METHODS)}, each optionally NAME:KEY=VALUE ... (a variant row)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.5, 0.1])
     parser.add_argument("--run-config", default="", help="overrides for every run, e.g. \"num-tasks=2\"")
@@ -221,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="choose KEY per strategy and beta on a validation hold-out (see above)")
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, default=1, help="table runs per row (see above)")
+    parser.add_argument("--own-delta", default="lorm", metavar="METHOD",
+                        help="add a diagnostic row for this method's runs: each task on W0 + its own delta")
     args = parser.parse_args(argv)
     for spec in args.strategies:
         try:
@@ -246,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(aggregate(runs) | {"chosen": chosen})
             print(f"{strategy} beta {beta}: FAA {rows[-1]['faa']:.2f} +- {rows[-1]['faa_std']:.2f}% "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
+            if parse_strategy(strategy)[0] == args.own_delta:
+                rows.append(aggregate([own_delta_row(r) for r in runs]) | {"chosen": chosen})
+            add_paired_differences(rows, args.strategies[0])
             write_table(rows, args.out)
     plot(rows, args.out)
     print((args.out / "table.md").read_text())

@@ -101,9 +101,13 @@ class LocalWork:
             deltas, scale = self._base(order), 1.0
         set_deltas(model, deltas, adapter_scale=scale)
         alpha = {name: a for name, a in self.exp.alpha.items() if name in spec.grams}
-        loader = make_loader(self.exp.stream.train, indices, self.run.eval_batch_size, shuffle=False, seed=0)
+        # Grams of the views the client trains on (fresh ones each pass), as the reference computes them.
+        views = self.exp.train_data(stable_seed(self.run.seed, order.task, order.round, self.node.partition_id, 1))
+        loader = make_loader(views, indices, self.run.eval_batch_size, shuffle=False, seed=0)
         try:
-            grams, rows = gram_pass(model, loader, alpha, passes=self.run.gram_passes, device=device)
+            grams, rows = gram_pass(
+                model, loader, alpha, passes=self.run.gram_passes, device=device, amp=self.run.amp == "bf16"
+            )
         finally:
             set_deltas(model, None, adapter_scale=1.0)
         # A is shared in a projecting round: A G A^T (r x r) is all its merge needs of G.
@@ -149,14 +153,12 @@ class LocalWork:
         model.head.requires_grad_(True)
 
         indices = self._indices(order.task)
-        loader = make_loader(
-            self.exp.stream.train,
-            indices,
-            self.run.batch_size,
-            shuffle=True,
-            seed=stable_seed(self.run.seed, order.task, order.round, self.node.partition_id),
+        seed = stable_seed(self.run.seed, order.task, order.round, self.node.partition_id)
+        loader = make_loader(self.exp.train_data(seed), indices, self.run.batch_size, shuffle=True, seed=seed)
+        loss = train_block(
+            model, loader, (lo, hi), epochs=self.run.local_epochs, lr=self.run.lr, device=device,
+            amp=self.run.amp == "bf16",
         )
-        loss = train_block(model, loader, (lo, hi), epochs=self.run.local_epochs, lr=self.run.lr, device=device)
         set_deltas(model, None, adapter_scale=1.0)
         grams, low_rank = self._grams(order, indices, spec) if spec.grams else ({}, {})
         return ClientReply(

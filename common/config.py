@@ -75,7 +75,19 @@ class RunConfig(_Config):
     # 0, not the paper's 0.5 (configs/paper/ keep 0.5): on the offline stream a validation hold-out preferred it
     # for LoRM at both betas (docs/methods.md).
     alpha_head: float = Field(0.0, ge=0, le=1)
-    gram_passes: int = Field(1, ge=1)
+    gram_passes: int = Field(1, ge=1, description="Gram passes over the local data (fresh augmented views each)")
+    augment: Literal["none", "light", "paper"] = Field(
+        "none",
+        description="train-time views, for training and every Gram pass (common/data/augment.py): paper = the "
+        "reference's random resized crop + flip and resize + centre crop at test; light = small crops, no flip",
+    )
+    head_init: Literal["trunc-normal", "zeros"] = Field(
+        "trunc-normal", description="the head's start: timm's truncated normal (std 0.02, bias 0, seeded) or zeros"
+    )
+    cross_task: Literal["auto", "mean", "chain"] = Field(
+        "auto", description="how task deltas combine (common/methods/base.py); auto = the method's own default"
+    )
+    amp: Literal["bf16", "off"] = Field("bf16", description="autocast of training and Gram forwards on CUDA only")
     ridge: float = Field(0.0, ge=0)
     # No bfloat16: Flower 1.42's ArrayRecord goes through numpy, which has no such dtype.
     gram_dtype: Literal["float64", "float32", "float16"] = Field(
@@ -114,6 +126,7 @@ class RunConfig(_Config):
         ):
             if value not in registry:
                 raise ValueError(f"{key} {value!r} is not one of {sorted(registry)}")
+        self.method  # noqa: B018  (refuses a cross-task rule the method does not have)
         if self.run_name and not SAFE_NAME.fullmatch(self.run_name):
             raise ValueError(
                 f"run-name {self.run_name!r} must be a plain folder name (letters, digits, '.', '_', '-', not "
@@ -141,7 +154,8 @@ class RunConfig(_Config):
 
     @property
     def method(self) -> Method:
-        return METHODS[self.strategy]
+        """The run's method with its cross-task rule."""
+        return type(METHODS[self.strategy])("" if self.cross_task == "auto" else self.cross_task)
 
 
 class NodeConfig(_Config):

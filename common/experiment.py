@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
 from dataclasses import dataclass
 
+import numpy as np
+from torch.utils.data import Dataset
+
 from common.backbones import BACKBONES
 from common.config import RunConfig
 from common.data import Stream, load_stream
+from common.data.augment import AUGMENTS, Augment, EvalView, TrainViews
 from common.data.cache import load_or_build
 from common.data.splits import holdout_validation
 from common.layout import Dims
 from common.lora import layer_shapes
 from common.model import HEAD, FCILModel, build_model
+
+
+HEAD_SEED = 7  # a stream of its own for the head's initial weights (tasks use stable_seed(seed, task))
 
 
 def stable_seed(*parts: int) -> int:
@@ -33,6 +41,12 @@ class Experiment:
     tasks: list[list[int]]  # global class ids per task, truncated to run.num_tasks
     shapes: dict[str, tuple[int, int]]  # adapted layer -> (d_out, d_in)
     device: str
+    augment: Augment | None = None
+
+    def train_data(self, seed: int) -> Dataset:
+        """The training images as clients read them, for training and Gram passes: fresh random views drawn
+        from ``seed`` when the run augments (common/data/augment.py), else the images themselves."""
+        return TrainViews(self.stream.train, self.augment, seed) if self.augment else self.stream.train
 
     @property
     def alpha(self) -> dict[str, float]:
@@ -42,6 +56,11 @@ class Experiment:
     @property
     def dims(self) -> Dims:
         return Dims(self.shapes, self.run.rank, self.model.head.in_features, {n: a > 0 for n, a in self.alpha.items()})
+
+    @property
+    def test_samples(self) -> list[int]:
+        """Test images of each task (of the evaluation split: the hold-out when validation-fraction > 0)."""
+        return [int(np.isin(self.stream.test_labels, classes).sum()) for classes in self.tasks]
 
     def block(self, task: int) -> tuple[int, int]:
         """(lo, hi): the task's classes are the contiguous global ids lo..hi-1."""
@@ -75,6 +94,9 @@ def build_experiment(run: RunConfig, data_dir: str, device: str, cache_dir: str 
         stream = load_stream(run.dataset, **args)
     if run.validation_fraction:
         stream = holdout_validation(stream, run.validation_fraction, run.seed)
+    augment = AUGMENTS[run.augment]
+    if augment and augment.test_crop < 1:
+        stream = dataclasses.replace(stream, test=EvalView(stream.test, augment))
     tasks = stream.tasks[: run.num_tasks] if run.num_tasks else list(stream.tasks)
     if run.num_tasks > len(stream.tasks):
         raise ValueError(f"num-tasks {run.num_tasks} but the {run.dataset} stream has {len(stream.tasks)} tasks")
@@ -82,6 +104,11 @@ def build_experiment(run: RunConfig, data_dir: str, device: str, cache_dir: str 
         if classes != list(range(classes[0], classes[-1] + 1)):
             raise ValueError(f"task {t} classes are not a contiguous block: {classes}")
     num_classes = tasks[-1][-1] + 1
-    model = build_model(run.backbone, num_classes=num_classes, rank=run.rank, weights=run.weights or None)
+    model = build_model(
+        run.backbone, num_classes=num_classes, rank=run.rank, weights=run.weights or None, head_init=run.head_init,
+        seed=stable_seed(run.seed, HEAD_SEED),
+    )
     model.to(device)
-    return Experiment(run=run, model=model, stream=stream, tasks=tasks, shapes=layer_shapes(model), device=device)
+    return Experiment(
+        run=run, model=model, stream=stream, tasks=tasks, shapes=layer_shapes(model), device=device, augment=augment
+    )

@@ -37,6 +37,26 @@ def average_forgetting(acc: np.ndarray | list[list[float]]) -> float:
     return float(np.mean(drops))
 
 
+def pooled_accuracy(acc: np.ndarray | list[list[float]], samples: list[int], after_task: int | None = None) -> float:
+    """Accuracy over every test sample of the tasks seen after task t, pooled (the reference implementation's
+    FAA): the mean of acc[t][j] weighted by task j's test samples ``samples[j]``. Equal to ``average_accuracy``
+    when every task has as many test samples."""
+    a = _square(acc)
+    t = a.shape[0] - 1 if after_task is None else after_task
+    weights = np.asarray(samples[: t + 1], dtype=np.float64)
+    return float(np.dot(a[t, : t + 1], weights) / weights.sum())
+
+
+def forgetting_after_learning(acc: np.ndarray | list[list[float]]) -> float:
+    """Mean over j < T-1 of acc[j][j] (just after learning task j) - acc[T-1][j] (the reference's forgetting;
+    ``average_forgetting`` takes the best earlier accuracy instead, so it is never smaller)."""
+    a = _square(acc)
+    last = a.shape[0] - 1
+    if last == 0:
+        return 0.0
+    return float(np.mean([a[j, j] - a[last, j] for j in range(last)]))
+
+
 def task_aware_accuracy_per_task(logits: np.ndarray, labels: np.ndarray, tasks: list[list[int]]) -> list[float]:
     """Accuracy (%) on each task's classes when the task is known: argmax within its own block of logits.
 

@@ -22,6 +22,12 @@ def make_loader(dataset: Dataset, indices: np.ndarray, batch_size: int, *, shuff
     )
 
 
+def autocast(device: str, amp: bool) -> torch.autocast:
+    """bfloat16 autocast on CUDA when ``amp`` (the reference trains under fp16 autocast; bf16 needs no loss
+    scaling); a no-op on the CPU, which stays float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda"))
+
+
 def train_block(
     model: nn.Module,
     loader: DataLoader,
@@ -30,11 +36,13 @@ def train_block(
     epochs: int,
     lr: float,
     device: str,
+    amp: bool = False,
 ) -> float:
     """Cross-entropy on the current task's classes only; returns the mean loss of the last epoch.
 
     ``block = (lo, hi)``: logits lo..hi-1 are the task's classes, labels are global ids in that range.
     Only parameters with ``requires_grad`` move (the caller chose the factor); AdamW, weight decay 0, no schedule.
+    ``amp``: the forward under bfloat16 autocast on CUDA (parameters, gradients and optimiser stay float32).
     """
     lo, hi = block
     params = [p for p in model.parameters() if p.requires_grad]
@@ -49,7 +57,9 @@ def train_block(
             x, y = x.to(device), y.to(device)
             if (y < lo).any() or (y >= hi).any():
                 raise ValueError(f"label outside the task block [{lo}, {hi}) in local training data")
-            loss = loss_fn(model(x)[:, lo:hi], y - lo)
+            with autocast(device, amp):
+                logits = model(x)[:, lo:hi]
+            loss = loss_fn(logits.float(), y - lo)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -61,17 +71,18 @@ def train_block(
 
 @torch.no_grad()
 def gram_pass(
-    model: nn.Module, loader: DataLoader, alpha: dict[str, float], *, passes: int, device: str
+    model: nn.Module, loader: DataLoader, alpha: dict[str, float], *, passes: int, device: str, amp: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Input Grams of every adapted layer and of the head, over all local data (eval mode, no grad).
 
     ``alpha[name]`` picks the layers (adapted layer names and/or "head") and each one's form (0 -> diagonal
     vector). Returns (float64 Grams, row counts).
-    ``passes`` > 1 repeats the pass (it only changes the result when the loader augments).
+    ``passes`` > 1 repeats the pass (it only changes the result when the loader's views are random).
+    ``amp``: the forward under bfloat16 autocast on CUDA; the Grams still accumulate in float64.
     """
     available: dict[str, nn.Module] = dict(lora_layers(model)) | {HEAD: model.head}
     modules = {name: available[name] for name in alpha}
-    with collect_grams(modules, alpha) as stats:
+    with collect_grams(modules, alpha) as stats, autocast(device, amp):
         for _ in range(passes):
             for x, _y in loader:
                 model(x.to(device))

@@ -31,7 +31,9 @@ matplotlib.use("Agg")  # headless servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.metrics import average_accuracy, average_forgetting  # noqa: E402
+from common.metrics import (  # noqa: E402
+    average_accuracy, average_forgetting, forgetting_after_learning, pooled_accuracy,
+)
 
 ROUND_FIELDS = [
     "task", "round", "factor", "clients", "dropped", "train_loss", "uplink_bytes_per_client",
@@ -48,11 +50,27 @@ def square(acc: list[list[float]]) -> np.ndarray:
     return out
 
 
-def summary(acc: list[list[float]], task_aware: list[list[float]] | None = None) -> dict[str, Any]:
+# Two conventions for each headline number, named so that neither is mistaken for the other.
+CONVENTIONS = {
+    "faa": "mean over tasks of the final accuracy on each task's test classes",
+    "faa_pooled": "final accuracy over all test samples of the tasks seen, pooled (the reference code's FAA)",
+    "average_forgetting": "mean over earlier tasks of (best accuracy before the last task - final accuracy)",
+    "forgetting_after_learning": "mean over earlier tasks of (accuracy just after learning it - final accuracy), "
+    "the reference code's forgetting",
+}
+
+
+def summary(
+    acc: list[list[float]], test_samples: list[int], task_aware: list[list[float]] | None = None
+) -> dict[str, Any]:
+    """metrics.json's content. test_samples[j]: task j's test images (for the pooled accuracy)."""
     matrix = square(acc)
     result = {
         "faa": average_accuracy(matrix),
+        "faa_pooled": pooled_accuracy(matrix, test_samples),
         "average_forgetting": average_forgetting(matrix),
+        "forgetting_after_learning": forgetting_after_learning(matrix),
+        "conventions": CONVENTIONS,
         "average_accuracy_after_task": [average_accuracy(matrix, t) for t in range(len(acc))],
         "final_accuracy_per_task": list(matrix[-1]),
         "acc_matrix": acc,
@@ -106,9 +124,10 @@ class RunReport:
             writer.writerows(history)
 
     def write_results(
-        self, acc: list[list[float]], extra: dict[str, Any], task_aware: list[list[float]] | None = None
+        self, acc: list[list[float]], test_samples: list[int], extra: dict[str, Any],
+        task_aware: list[list[float]] | None = None,
     ) -> dict[str, Any]:
-        result = summary(acc, task_aware) | extra
+        result = summary(acc, test_samples, task_aware) | extra
         (self.folder / "metrics.json").write_text(json.dumps(result, indent=2))
         matrix = square(acc)
         with open(self.folder / "acc_matrix.csv", "w", newline="") as f:

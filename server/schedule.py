@@ -54,11 +54,10 @@ class Schedule:
             log(INFO, "resuming from %s at task %d round %d", self.checkpoint, state.task, state.round)
             return state
         A, B = self._fresh_adapter(0)
-        head = self.exp.model.head
+        head = self.exp.model.head  # its initial weights: every client built the same (common/model.py)
         return ServerState(
             task=0, round=0, A=A, B=B, sums=TaskSums(),
-            head_weight=torch.zeros_like(head.weight, device="cpu"),
-            head_bias=torch.zeros_like(head.bias, device="cpu"),
+            head_weight=head.weight.detach().to("cpu", copy=True), head_bias=head.bias.detach().to("cpu", copy=True),
         )
 
     @property
@@ -154,7 +153,7 @@ class Schedule:
         row, aware = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
         s.acc.append(row)
         s.task_aware.append(aware)
-        result = self.report.write_results(s.acc, {"tasks_done": s.task + 1}, s.task_aware)
+        result = self.report.write_results(s.acc, self.exp.test_samples, {"tasks_done": s.task + 1}, s.task_aware)
         log(
             INFO,
             "[task %d/%d done] accuracy per task %s -> average %.2f%% (task-aware %.2f%%)",

@@ -54,7 +54,8 @@ def _execute(
     started = time.perf_counter() - schedule.state.wall_s  # a resumed run's wall time adds up its sessions
     state = drive(schedule)
     result = report.write_results(
-        state.acc, {"tasks_done": len(state.acc), "wall_s": time.perf_counter() - started}, state.task_aware
+        state.acc, exp.test_samples, {"tasks_done": len(state.acc), "wall_s": time.perf_counter() - started},
+        state.task_aware,
     )
     log(INFO, "%s finished: FAA %.2f%%, average forgetting %.2f, results in %s",
         run.strategy, result["faa"], result["average_forgetting"], report.folder)

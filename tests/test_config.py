@@ -58,7 +58,17 @@ def test_paper_configs_are_valid_run_configs():
     root = Path(__file__).resolve().parents[1]
     defaults = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     files = sorted((root / "configs" / "paper").glob("*.toml"))
-    assert len(files) == 6
+    # ../shared/LORM_SPEC.md, "Published LoRM settings": (lr, rank, Gram passes) per dataset and beta
+    published = {
+        "cifar100-beta0.5": (3e-3, 1, 1), "cifar100-beta0.1": (3e-4, 16, 1), "cifar100-beta0.05": (5e-4, 16, 1),
+        "imagenet-r-beta0.5": (3e-3, 2, 2), "imagenet-r-beta0.1": (1e-3, 32, 2), "imagenet-r-beta0.05": (1e-3, 16, 2),
+    }
+    assert sorted(p.stem for p in files) == sorted(published)
     for path in files:
         run = RunConfig.parse(defaults | tomllib.loads(path.read_text()), source=path.name)
         assert run.backbone == "vit_base_patch16_224.augreg_in21k" and run.num_tasks == 10 and run.min_clients == 10
+        assert (run.lr, run.rank, run.gram_passes) == published[path.stem] and run.beta == float(path.stem.split("beta")[1])
+        assert (run.rounds_per_task, run.local_epochs, run.batch_size, run.alpha_backbone, run.alpha_head) == (
+            5, 5, 16, 0.0, 0.5)
+        assert (run.augment, run.head_init, run.amp, run.cross_task) == ("paper", "trunc-normal", "bf16", "auto")
+        assert run.classes_per_task == (10 if run.dataset == "cifar100" else 20)

@@ -203,8 +203,20 @@ def test_vit_tiny_model():
     assert all(name.startswith("backbone.blocks.") for name in model.adapted_layers)
     assert {s[1] for s in layer_shapes(model).values()} == {64, 256}
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(model(x), torch.zeros(3, 7))  # zero head
+    assert torch.equal(build_model("vit_tiny_test", 7, 3, head_init="zeros")(x), torch.zeros(3, 7))
     assert torch.equal(model.features(x), build_model("vit_tiny_test", 7, 3).features(x))  # seeded, deterministic
+
+
+def test_head_starts_as_timm_classifiers_do_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    head = build_model("vit_tiny_test", num_classes=50, rank=1, seed=4).head
+    assert torch.equal(torch.rand(3), before)  # building a model drew nothing from the global stream
+    assert torch.equal(head.bias, torch.zeros(50))
+    assert head.weight.abs().max() <= 2.0 and 0.015 < float(head.weight.std()) < 0.025  # std 0.02, truncated
+    assert torch.equal(head.weight, build_model("vit_tiny_test", num_classes=50, rank=1, seed=4).head.weight)
+    assert not torch.equal(head.weight, build_model("vit_tiny_test", num_classes=50, rank=1, seed=5).head.weight)
 
 
 def test_efficientnet_model_and_eval_mode():

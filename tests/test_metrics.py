@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
 
-from common.metrics import accuracy_per_task, average_accuracy, average_forgetting, task_aware_accuracy_per_task
+from common.metrics import (
+    accuracy_per_task, average_accuracy, average_forgetting, forgetting_after_learning, pooled_accuracy,
+    task_aware_accuracy_per_task,
+)
 
 
 def test_faa_and_forgetting_by_hand():
@@ -11,6 +14,18 @@ def test_faa_and_forgetting_by_hand():
     assert average_accuracy(acc, after_task=1) == pytest.approx(75.0)
     # task 0: best 90 -> 60 (30); task 1: best 80 -> 75 (5)
     assert average_forgetting(acc) == pytest.approx(17.5)
+
+
+def test_the_reference_conventions_by_hand():
+    nan = np.nan
+    acc = [[90.0, nan, nan], [95.0, 80.0, nan], [60.0, 75.0, 50.0]]
+    # just after learning: task 0 90 -> 60 (30), task 1 80 -> 75 (5); best earlier would give 35 for task 0
+    assert forgetting_after_learning(acc) == pytest.approx(17.5)
+    assert average_forgetting(acc) == pytest.approx(20.0)
+    # pooled over samples: 100 + 300 + 100 test images
+    assert pooled_accuracy(acc, [100, 300, 100]) == pytest.approx((60 * 100 + 75 * 300 + 50 * 100) / 500)
+    assert pooled_accuracy(acc, [100, 300, 100], after_task=1) == pytest.approx((95 * 100 + 80 * 300) / 400)
+    assert pooled_accuracy(acc, [7, 7, 7]) == pytest.approx(average_accuracy(acc))
 
 
 def test_single_task_has_no_forgetting():

@@ -74,7 +74,7 @@ def test_compare_rows_average_the_seeds():
     import bench.compare_strategies as cs
 
     base = {"strategy": "lorm", "beta": 0.5, "chosen": "", "task_aware_faa": 60.0, "forgetting": 1.0, "wall_s": 10.0,
-            "uplink_kB": 1.0, "downlink_kB": 2.0, "merge_ms": 3.0}
+            "uplink_kB": 1.0, "downlink_kB": 2.0, "merge_ms": 3.0, "faa_pooled": 31.0, "forgetting_after_learning": 0.5}
     runs = [base | {"faa": 30.0, "final_acc_per_task": [10.0, 50.0], "faa_per_task": [80.0, 30.0]},
             base | {"faa": 36.0, "final_acc_per_task": [20.0, 52.0], "faa_per_task": [70.0, 36.0]}]
     row = cs.aggregate(runs)
@@ -91,3 +91,19 @@ def test_compare_tuning_skips_a_strategy_that_no_tuned_setting_changes(monkeypat
     monkeypatch.setattr(cs, "run_one", lambda *a, **k: pytest.fail("no validation run is needed"))
     args = argparse.Namespace(run_config="", validation_fraction=0.3, out=tmp_path, supernodes=3, in_process=True)
     assert cs.tune("ffa-lora", 0.5, [("alpha-head", ["0", "0.5"])], args) == ("", [])
+
+
+def test_paired_difference_and_its_interval_by_hand():
+    import math
+
+    import bench.compare_strategies as cs
+
+    mean, low, high = cs.paired_difference([50.0, 60.0, 55.0], [48.0, 57.0, 55.0])  # differences 2, 3, 0
+    half = 4.302652729911275 * math.sqrt(7 / 3) / math.sqrt(3)  # t(0.975, 2 df) * sd / sqrt(n)
+    assert mean == pytest.approx(5 / 3) and (low, high) == pytest.approx((5 / 3 - half, 5 / 3 + half))
+    assert cs.paired_difference([50.0], [40.0]) == (10.0, -math.inf, math.inf)
+    rows = [{"strategy": "lorm", "beta": 0.5, "faa_seeds": [1.0, 2.0]},
+            {"strategy": "ffa-lora", "beta": 0.5, "faa_seeds": [2.0, 4.0]},
+            {"strategy": "ffa-lora", "beta": 0.1, "faa_seeds": [2.0, 4.0]}]
+    cs.add_paired_differences(rows, "lorm")
+    assert rows[0]["diff"] is None and rows[1]["diff"][0] == 1.5 and rows[2]["diff"] is None

@@ -2,8 +2,9 @@
 
 - FedAvg-LoRA: A and B trained and averaged every round.
 - FFA-LoRA (Sun et al., 2024): A frozen at its shared random init, only B trained and averaged.
-Across tasks the task deltas are chained: clients train each task on W0 + the sum of the past deltas, and the
-model evaluated is W0 + that sum.
+Across tasks (``cross-task``), "mean" (the reference's default): every task trains on W0 and the model evaluated is
+W0 + the mean of the task deltas; "chain": every task trains on W0 + the sum of the past deltas, the model is that
+sum.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from common.protocol import ClientReply
 
 class Averaging(Method):
     trained: ClassVar[str]  # the factors every round trains
-    past_mode = "sum"
+    cross_tasks = ("mean", "chain")  # the reference's default is "mean" ("individual_mean" in fed-mammoth)
     round_grams = False
 
     def schedule(self, rounds: int) -> list[str]:

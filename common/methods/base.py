@@ -2,7 +2,8 @@
 
 A method states, in its own module, everything the rest of the app asks of it:
 - ``schedule``: which factors each round of a task trains ("B", "A", "AB");
-- ``past_mode``: what clients train on and pass their Grams through (see ``PastMode``);
+- ``cross_tasks``: the cross-task rules it supports (the run's ``cross-task``), which fix what clients train on
+  and pass their Grams through (``past_mode``);
 - ``round_layout`` / ``backbone_terms``: what a client adds to the round's reduction over clients, per layer;
 - ``merge_backbone``: the server merge, a pure function from the reduced terms to new tensors;
 - ``end_task`` / ``eval_deltas``: what a finished task leaves behind, and the backbone delta evaluated.
@@ -27,9 +28,12 @@ from common.model import HEAD
 from common.protocol import ClientReply, RoundOrder
 
 Adapter = tuple[dict[str, Tensor], dict[str, Tensor]]  # (A: layer -> (r, d_in), B: layer -> (d_out, r))
-# "mean" (LoRM): clients train on W0 and pass Grams through W0 + the mean of the past and current task deltas;
+# "mean": clients train on W0 and pass Grams through W0 + the mean of the past and current task deltas;
 # "sum": clients train, and pass Grams, through W0 + the sum of the past deltas.
 PastMode = Literal["mean", "sum"]
+# Across tasks, "mean": every task trains on W0 and the model is W0 + a mean of the task deltas (LoRM's is the
+# Gram-weighted S H^+); "chain": every task trains on W0 + the sum of the past deltas, and the model is that sum.
+CrossTaskRule = Literal["mean", "chain"]
 COUNT_N, COUNT_NLOSS = "count/n", "count/nloss"
 
 
@@ -54,9 +58,20 @@ class CrossTask:
 
 class Method(ABC):
     name: ClassVar[str]
-    past_mode: ClassVar[PastMode]
+    cross_tasks: ClassVar[tuple[CrossTaskRule, ...]]  # the rules it supports; the first is its default
     round_grams: ClassVar[bool]  # replies carry input Grams; the head is then merged by RegMean, else averaged
     task_end_grams: ClassVar[bool] = False  # a Gram query at each task end, handed to ``end_task``
+
+    def __init__(self, cross_task: str = "") -> None:
+        """``cross_task``: one of ``cross_tasks``, or "" for the method's default."""
+        rule = cross_task or self.cross_tasks[0]
+        if rule not in self.cross_tasks:
+            raise ValueError(f"cross-task {cross_task!r} is not a rule of {self.name} (it has {list(self.cross_tasks)})")
+        self.cross_task: CrossTaskRule = rule  # type: ignore[assignment]
+
+    @property
+    def past_mode(self) -> PastMode:
+        return "sum" if self.cross_task == "chain" else "mean"
 
     @abstractmethod
     def schedule(self, rounds: int) -> list[str]:
@@ -144,11 +159,13 @@ class Method(ABC):
         return CrossTask(cross.past + [adapter], cross.sums)
 
     def eval_deltas(self, cross: CrossTask, layers: list[str], ridge: float) -> dict[str, Tensor]:
-        """The backbone delta evaluated after a task: the sum of the past deltas (float64, (d_out, d_in))."""
-        return delta_sum(cross.past, layers, dtype=torch.float64)
+        """The backbone delta evaluated after a task: the sum ("chain") or the mean ("mean") of the past deltas
+        (float64, (d_out, d_in))."""
+        total = delta_sum(cross.past, layers, dtype=torch.float64)
+        return total if self.cross_task == "chain" else {name: d / len(cross.past) for name, d in total.items()}
 
 
-METHODS: dict[str, Method] = {}
+METHODS: dict[str, Method] = {}  # each with its default cross-task rule; ``type(m)(rule)`` for another
 
 
 def register_method(cls: type[Method]) -> type[Method]:

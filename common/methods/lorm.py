@@ -24,7 +24,7 @@ from common.protocol import ClientReply
 @register_method
 class LoRM(Method):
     name = "lorm"
-    past_mode = "mean"
+    cross_tasks = ("mean",)  # its mean is S H^+, weighted by each task's feature energy
     round_grams = True
     task_end_grams = True
 

@@ -22,7 +22,7 @@ from common.protocol import ClientReply
 @register_method
 class RegMean(Method):
     name = "regmean"
-    past_mode = "sum"
+    cross_tasks = ("chain",)  # every round's merged delta joins the chain
     round_grams = True
 
     def schedule(self, rounds: int) -> list[str]:
