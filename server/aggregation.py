@@ -88,8 +88,10 @@ class PlainAggregation:
         for node, reason in dropped:
             log(WARNING, "dropping node %s from task %d round %d: %s", node, order.task, order.round, reason)
         if len(valid) < self.min_clients:
+            why = "".join(f"; node {node}: {reason}" for node, reason in dropped[:5])  # e.g. round-timeout too short
             raise RoundFailed(
                 f"task {order.task} round {order.round}: {len(valid)} valid replies, min-clients is {self.min_clients}"
+                f"{why}"
             )
         return valid, len(dropped)
 

@@ -8,9 +8,12 @@ into ``Envelope``s, one per node that answered (or failed). ``FlowerTransport`` 
 from __future__ import annotations
 
 import time
+from logging import INFO, WARNING
 from typing import Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import Tensor
 
@@ -28,15 +31,32 @@ class Transport(Protocol):
         ...
 
 
+WAIT_LOG_EVERY = 30.0  # seconds between "still waiting" lines
+
+
 def wait_for_nodes(grid: Grid, min_clients: int, timeout: float) -> list[int]:
-    """The connected SuperNodes, once there are at least ``min_clients`` (RoundFailed after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
+    """The connected SuperNodes, once there are at least ``min_clients`` (RoundFailed after ``timeout`` s).
+
+    Waiting is logged at once and every WAIT_LOG_EVERY s: a run that waits for nodes that never come would
+    otherwise be silent for the whole round-timeout."""
+    started = time.monotonic()
+    logged = None
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= min_clients:
+            if logged is not None:
+                log(INFO, "%d SuperNodes connected after %.0f s", len(nodes), time.monotonic() - started)
             return nodes
-        if time.monotonic() > deadline:
-            raise RoundFailed(f"only {len(nodes)} SuperNodes connected, min-clients is {min_clients}")
+        waited = time.monotonic() - started
+        if waited > timeout:
+            raise RoundFailed(
+                f"only {len(nodes)} SuperNodes connected after round-timeout {timeout:g} s, min-clients is "
+                f"{min_clients}: start more SuperNodes or lower min-clients"
+            )
+        if logged is None or waited - logged >= WAIT_LOG_EVERY:
+            log(WARNING, "waiting for SuperNodes: %d connected %s, min-clients is %d (giving up after round-timeout "
+                "%g s)", len(nodes), nodes, min_clients, timeout)
+            logged = waited
         time.sleep(1.0)
 
 
@@ -52,24 +72,29 @@ class FlowerTransport:
             Message(RecordDict({"arrays": record, "config": conf}), dst_node_id=node, message_type=kind)
             for node in wait_for_nodes(self.grid, self.min_clients, self.timeout)
         ]
-        replies = [_unwrap(msg, max_reply_bytes) for msg in self.grid.send_and_receive(messages, timeout=self.timeout)]
-        answered = {node for node, _ in replies}
-        # A node that died or hung gives no reply at all; say so, so the round's log names it.
-        silent = [(m.metadata.dst_node_id, f"no reply within {self.timeout:.0f} s (node gone or too slow)")
-                  for m in messages if m.metadata.dst_node_id not in answered]
-        return replies + silent
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        # Replies are matched to orders by message id, not by their source: the error reply the SuperLink writes
+        # for a node that stopped sending heartbeats comes from the SuperLink's own node id.
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = {asked[r.metadata.reply_to_message_id]: r for r in replies
+                    if r.metadata.reply_to_message_id in asked}
+        return [
+            (node, _unwrap(answered[node], max_reply_bytes) if node in answered
+             else f"no reply within round-timeout {self.timeout:g} s (node gone or too slow)")
+            for node in (m.metadata.dst_node_id for m in messages)
+        ]
 
 
 def too_large(size: int, limit: int) -> str:
     return f"payload of {size} bytes exceeds the {limit} a valid reply can have"
 
 
-def _unwrap(msg: Message, limit: int) -> Envelope:
-    node = msg.metadata.src_node_id
+def _unwrap(msg: Message, limit: int) -> "tuple[dict[str, Tensor], dict] | str":
     if msg.has_error():
-        return node, f"client error: {msg.error.reason}"
+        source = "SuperLink" if msg.metadata.src_node_id == SUPERLINK_NODE_ID else "client"
+        return f"{source} error: {msg.error.reason}"
     if "arrays" not in msg.content or "config" not in msg.content:
-        return node, f"reply lacks arrays or config: {sorted(msg.content.keys())}"
+        return f"reply lacks arrays or config: {sorted(msg.content.keys())}"
     if (size := msg.content["arrays"].count_bytes()) > limit:  # refused before it is decoded
-        return node, too_large(size, limit)
-    return node, (msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]))
+        return too_large(size, limit)
+    return msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"])
