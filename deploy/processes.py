@@ -100,6 +100,11 @@ def processes_under(home: Path) -> list[psutil.Process]:
     return found
 
 
+def stop_under(home: Path, timeout: float = 20.0) -> None:
+    """End every process whose FLWR_HOME is `home` or below, e.g. the local SuperLink `flwr run .` left behind."""
+    _end(processes_under(home), timeout=timeout)
+
+
 class Processes:
     """The processes one runner started, each logging to a file, stopped together."""
 
@@ -117,7 +122,7 @@ class Processes:
 
     def stop_all(self) -> None:
         stop(*self.procs)
-        _end(processes_under(self.workdir), timeout=5)
+        stop_under(self.workdir, timeout=5)
 
 
 def flwr_run(env: dict, connection: str, app: Path, run_config: str, extra: list[str], stream_to=None) -> str:
