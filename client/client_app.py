@@ -21,7 +21,8 @@ def _handle(msg: Message, context: Context) -> Message:
     arrays, config = work.respond(
         msg.metadata.message_type, msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"])
     )
-    log(INFO, "client %d: %s in %.1f s", work.node.partition_id, work.last_summary, time.perf_counter() - started)
+    log(INFO, "node %d (partition %d/%d): %s in %.1f s", context.node_id, work.node.partition_id,
+        work.node.num_partitions, work.last_summary, time.perf_counter() - started)
     return Message(
         RecordDict({"arrays": ArrayRecord(torch_state_dict=arrays), "config": ConfigRecord(config)}), reply_to=msg
     )
@@ -40,4 +41,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("grams", mods=[privacy_mod])
 def task_end_grams(msg: Message, context: Context) -> Message:
     """Task end: backbone Grams through W0 + mean of the task deltas, for the server's cross-task fold."""
+    return _handle(msg, context)
+
+
+@app.query("check", mods=[privacy_mod])
+def start_up_check(msg: Message, context: Context) -> Message:
+    """Before the first round: this node's settings and data are checked, and it says which partition it holds."""
     return _handle(msg, context)

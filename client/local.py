@@ -9,14 +9,16 @@ import torch
 from flwr.app import Context
 from torch import Tensor
 
-from common.config import NodeConfig, RunConfig, resolve_device
+from common.config import ConfigError, NodeConfig, RunConfig, resolve_device
 from common.data import client_task_indices
+from common.data.check import check_images
 from common.experiment import Experiment, build_experiment, stable_seed
-from common.layout import GRAMS, TRAIN, ReplySpec
+from common.identity import WITHHELD, Partition, partition_samples
+from common.layout import CHECK, GRAMS, TRAIN, ReplySpec
 from common.lora import get_factors, set_deltas, set_factors, set_trainable
-from common.lorm_manifest_pb2 import GRAMS_ORDER, ROUND_ORDER
+from common.lorm_manifest_pb2 import CHECK_ORDER, GRAMS_ORDER, ROUND_ORDER
 from common.merges import delta_sum, project_gram
-from common.protocol import ClientReply, RoundOrder
+from common.protocol import ClientReply, NodeCheck, RoundOrder, read_manifest
 from common.training import gram_pass, make_loader, train_block
 
 
@@ -49,10 +51,19 @@ class LocalWork:
 
     @classmethod
     def create(cls, run: RunConfig, node: NodeConfig) -> "LocalWork":
+        """This node's work for one message. Its settings and its data are checked first (the partition's image
+        files decoded once, see common/data/check.py), so a bad one fails the start-up check, not a round."""
+        if run.num_partitions and node.num_partitions != run.num_partitions:
+            raise ConfigError(
+                f"node config num-partitions {node.num_partitions} differs from the run's num-partitions "
+                f"{run.num_partitions}"
+            )
         if node.num_threads:
             torch.set_num_threads(node.num_threads)
-        device = resolve_device(node.device or run.device)
-        exp = build_experiment(run, node.data_dir or run.data_dir, device, node.cache_dir)
+        device = resolve_device(node.device or run.device, f"{'node' if node.device else 'run'} config device")
+        data_dir = node.data_dir or run.data_dir
+        exp = build_experiment(run, data_dir, device, node.cache_dir)
+        _check_partition_data(exp, data_dir, node.partition_id, node.num_partitions, node.cache_dir)
         return cls(run=run, node=node, exp=exp)
 
     @property
@@ -63,6 +74,22 @@ class LocalWork:
         return client_task_indices(
             self.exp.stream, task, self.node.partition_id, self.node.num_partitions, self.run.beta, self.run.seed
         )
+
+    def _partition(self, tasks: range | tuple[int, ...]) -> tuple[Partition, int]:
+        """(the partition this node proves, its samples) over ``tasks``; withheld under secure aggregation, where
+        the server must not learn which node holds what (hence how many samples)."""
+        pid, k = self.node.partition_id, self.node.num_partitions
+        if self.run.privacy == "secagg":
+            return Partition(WITHHELD, k), 0
+        fingerprint, count = partition_samples(self.exp.stream, tasks, pid, k, self.run.beta, self.run.seed)
+        return Partition(pid, k, fingerprint), count
+
+    def check(self, arrays: dict[str, Tensor], config: dict) -> NodeCheck:
+        """The start-up check's reply: by now this node's data has been checked (``create``); say what it holds."""
+        read_manifest(arrays, config, CHECK_ORDER)
+        partition, count = self._partition(range(len(self.exp.tasks)))
+        self.last_summary = f"start-up check: {partition}, {count or 'withheld'} samples, data checked"
+        return NodeCheck(partition, count)
 
     def _spec(self, kind: str, order: RoundOrder) -> ReplySpec:
         """The reply's layout. The task's classes and the method's past mode are derived by server and client
@@ -136,7 +163,9 @@ class LocalWork:
         return order, spec, reply
 
     def respond(self, kind: str, arrays: dict[str, Tensor], config: dict) -> tuple[dict[str, Tensor], dict]:
-        """One order in wire form -> the reply in wire form (privacy "plain")."""
+        """One order in wire form -> the reply in wire form (privacy "plain", and the start-up check)."""
+        if kind == CHECK:
+            return self.check(arrays, config).to_wire()
         return self.answer(kind, arrays, config)[2].to_wire(self.gram_dtype)
 
     def train_round(self, order: RoundOrder, spec: ReplySpec) -> ClientReply:
@@ -174,6 +203,7 @@ class LocalWork:
             head_bias=model.head.bias[lo:hi].detach().cpu().clone(),
             train_loss=loss,
             projected=spec.projected,
+            partition=self._partition((order.task,))[0],
         )
 
     def task_end_grams(self, order: RoundOrder, spec: ReplySpec) -> ClientReply:
@@ -181,5 +211,25 @@ class LocalWork:
         indices = self._indices(order.task)
         grams, low_rank = self._grams(order, indices, spec)
         return ClientReply(
-            task=order.task, round=order.round, factor="", num_examples=len(indices), grams=grams, low_rank=low_rank
+            task=order.task, round=order.round, factor="", num_examples=len(indices), grams=grams, low_rank=low_rank,
+            partition=self._partition((order.task,))[0],
         )
+
+
+_CHECKED: set[tuple] = set()  # (run, data dir, partition-id, num-partitions, cache dir) checked by this process
+
+
+def _check_partition_data(exp: Experiment, data_dir: str, partition_id: int, num_partitions: int,
+                          cache_dir: str) -> None:
+    """The partition's image files over every task of the run, decoded once per process (and once per machine for
+    the same files, through the stream cache's verdict); DataError naming the bad ones."""
+    key = (exp.run, data_dir, partition_id, num_partitions, cache_dir)
+    if key in _CHECKED:
+        return
+    run = exp.run
+    indices = np.unique(np.concatenate([
+        client_task_indices(exp.stream, t, partition_id, num_partitions, run.beta, run.seed)
+        for t in range(len(exp.tasks))
+    ]))
+    check_images(exp.stream.train, indices, what=f"partition {partition_id}/{num_partitions}", cache_dir=cache_dir)
+    _CHECKED.add(key)

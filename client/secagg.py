@@ -24,7 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.local import LocalWork
 from common.config import RunConfig
-from common.layout import TRAIN
+from common.layout import CHECK, TRAIN
 from common.lorm_manifest_pb2 import Manifest
 from common.protocol import MANIFEST_KEY
 from common.secagg import EXCHANGE, EXPONENTS, KIND, PHASE, PROBE, SUM, SecAggError, encode, probe, wire_terms
@@ -41,9 +41,12 @@ def privacy(context: Context) -> str:
 
 
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Under "secagg", answer only SecAgg+ train messages, through secaggplus_mod; refuse anything else, so no
-    server-side slip can make this node send its statistics in clear."""
+    """Under "secagg", answer only SecAgg+ train messages, through secaggplus_mod, and the start-up check, which
+    carries no statistics (the node withholds its partition there); refuse anything else, so no server-side slip
+    can make this node send its statistics in clear."""
     secure = msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records
+    if msg.metadata.message_type == CHECK and not secure:
+        return call_next(msg, context)
     if privacy(context) == "secagg":
         if msg.metadata.message_type != TRAIN or not secure:
             raise PrivacyError(
@@ -91,6 +94,6 @@ def _contribution(context: Context, kind: str, parameters, manifest: bytes) -> d
     arrays = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, parameters_to_ndarrays(parameters), strict=True)}
     order, spec, reply = work.answer(kind, arrays, {MANIFEST_KEY: manifest})
     terms = wire_terms(work.run.method.terms(order, reply), spec.terms)
-    log(INFO, "client %d (secagg): %s in %.1f s", work.node.partition_id, work.last_summary,
-        time.perf_counter() - started)
+    log(INFO, "node %d (partition %d/%d, secagg): %s in %.1f s", context.node_id, work.node.partition_id,
+        work.node.num_partitions, work.last_summary, time.perf_counter() - started)
     return terms

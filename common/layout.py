@@ -23,6 +23,7 @@ from common.model import HEAD
 
 TRAIN = "train"  # Flower message type of a round's order
 GRAMS = "query.grams"  # Flower message type of a task end's Gram query
+CHECK = "query.check"  # Flower message type of the start-up check (common/protocol.py: CHECK_ORDER)
 
 
 class GramForm(Enum):

@@ -12,6 +12,10 @@ Message kinds
   Gram (+ the head's) and the sample count.
 - GRAMS_ORDER (Flower ``query.grams``, once per task end): the task's final adapter and the past ones; the
   GRAMS_REPLY carries the backbone layers' Grams through W0 + mean of the task deltas, for the cross-task fold.
+- CHECK_ORDER (Flower ``query.check``, once when the server starts, before any round): no arrays; the
+  CHECK_REPLY says which partition the node holds over every task of the run, once its data has been checked.
+
+Every reply carries the node's partition (common/identity.py), which the server checks before anything else.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from torch import Tensor
 
 from common.lorm_manifest_pb2 import (
+    CHECK_ORDER,
+    CHECK_REPLY,
     DENSE_PACKED,
     DIAGONAL,
     GRAMS_ORDER,
@@ -37,10 +43,12 @@ from common.lorm_manifest_pb2 import (
     Manifest,
     TensorSpec,
 )
+from common.lorm_manifest_pb2 import Partition as PartitionSpec
 from common.grams import low_rank_factor, shrink
+from common.identity import Partition
 from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: replies carry the node's partition; the start-up check (CHECK_ORDER / CHECK_REPLY)
 MANIFEST_KEY = "manifest"
 
 
@@ -52,8 +60,16 @@ def _dtype_name(t: Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _pack(kind: int, arrays: dict[str, Tensor], grams: tuple[GramSpec, ...] = (), **fields) -> dict[str, bytes]:
+def _pack(
+    kind: int, arrays: dict[str, Tensor], grams: tuple[GramSpec, ...] = (), partition: Partition | None = None,
+    **fields,
+) -> dict[str, bytes]:
     manifest = Manifest(schema_version=SCHEMA_VERSION, kind=kind, grams=grams, **fields)
+    if partition is not None:
+        manifest.partition.CopyFrom(PartitionSpec(
+            partition_id=partition.partition_id, num_partitions=partition.num_partitions,
+            fingerprint=partition.fingerprint,
+        ))
     manifest.tensors.extend(
         TensorSpec(key=k, shape=list(t.shape), dtype=_dtype_name(t)) for k, t in sorted(arrays.items())
     )
@@ -95,6 +111,39 @@ def read_manifest(arrays: dict[str, Tensor], config: dict, kind: int) -> Manifes
             f"arrays do not match the manifest: missing {missing[:3]}, undeclared {extra[:3]}, {detail}"
         )
     return manifest
+
+
+def read_partition(manifest: Manifest) -> Partition:
+    """The partition a reply's manifest proves (ProtocolError when it proves none)."""
+    if not manifest.HasField("partition"):
+        raise ProtocolError("reply carries no partition (partition-id, num-partitions, fingerprint)")
+    p = manifest.partition
+    return Partition(p.partition_id, p.num_partitions, bytes(p.fingerprint))
+
+
+CHECK_REPLY_BYTES = 1 << 16  # a start-up check reply is a manifest without arrays
+
+
+def check_order() -> tuple[dict[str, Tensor], dict[str, bytes]]:
+    """The start-up check's order in wire form: only a manifest."""
+    return {}, _pack(CHECK_ORDER, {})
+
+
+@dataclass
+class NodeCheck:
+    """Client -> server at start-up: the partition the node holds over every task of the run, and its samples
+    (0 when withheld), sent once the node has checked its data."""
+
+    partition: Partition
+    num_examples: int
+
+    def to_wire(self) -> tuple[dict[str, Tensor], dict[str, bytes]]:
+        return {}, _pack(CHECK_REPLY, {}, partition=self.partition, num_examples=self.num_examples)
+
+    @classmethod
+    def from_wire(cls, arrays: dict[str, Tensor], config: dict) -> "NodeCheck":
+        m = read_manifest(arrays, config, CHECK_REPLY)
+        return cls(read_partition(m), m.num_examples)
 
 
 @dataclass
@@ -173,6 +222,7 @@ class ClientReply:
     projected: frozenset[str] = frozenset()  # layers whose Gram is sent as A G A^T (B-rounds)
     gram_wire_dtype: torch.dtype = torch.float64  # how the Grams travelled (bounds their rounding error)
     low_rank: dict[str, float] = field(default_factory=dict)  # layer -> its shrinkage alpha, where worth trying
+    partition: Partition | None = None  # the node's partition over the order's task (None only in tests)
 
     @property
     def kind(self) -> int:
@@ -201,7 +251,7 @@ class ClientReply:
             for n, g in sorted(self.grams.items())
         )
         config = _pack(
-            self.kind, arrays, specs, task=self.task, round=self.round, factor=self.factor,
+            self.kind, arrays, specs, self.partition, task=self.task, round=self.round, factor=self.factor,
             num_examples=self.num_examples, train_loss=self.train_loss,
         )
         return arrays, config
@@ -241,4 +291,5 @@ class ClientReply:
             train_loss=m.train_loss,
             projected=frozenset(s.layer for s in m.grams if s.form == PROJECTED_PACKED),
             gram_wire_dtype=wire_dtype if wire_grams else torch.float64,
+            partition=read_partition(m),
         )

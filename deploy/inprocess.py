@@ -17,10 +17,12 @@ from common.experiment import build_experiment
 from server.aggregation import PlainAggregation
 from server.report import RunReport
 from server.schedule import Schedule
+from server.startup import check_nodes
 from server.state import ServerState
 from server.transport import Envelope
 
-# fault(call index, node, kind) -> None, or an exception to raise in that client (or "absent": no reply at all)
+# fault(call index, node, kind) -> None, or an exception to raise in that client (or "absent": no reply at all);
+# call 0 is the start-up check (server/startup.py), then one call per round and task end.
 Fault = Callable[[int, int, str], "Exception | str | None"]
 
 
@@ -54,5 +56,6 @@ def schedule_for(run: RunConfig, folder, fingerprint: str = "test") -> Schedule:
 
 
 def run_in_process(schedule: Schedule, transport: InProcessTransport) -> ServerState:
-    """The schedule against in-process clients (plain aggregation); returns the final state."""
-    return schedule.run(PlainAggregation(transport, schedule.config.min_clients))
+    """The start-up check and the schedule against in-process clients (plain aggregation); returns the final state."""
+    check_nodes(transport, schedule)
+    return schedule.run(PlainAggregation(transport, schedule.config.min_clients, schedule.partitions))

@@ -4,8 +4,9 @@
 method's terms reduced over the clients that counted (see common/methods/base.py), and what the round record
 needs. The schedule calls it and never asks which implementation it has.
 
-- ``PlainAggregation`` (privacy "plain"): every reply is validated against the spec and dropped with a log line
-  naming the node and the reason when it fails; the method's terms of the valid ones are reduced here.
+- ``PlainAggregation`` (privacy "plain"): every reply is validated against the spec and its partition against
+  the server's book (common/identity.py), and dropped with a log line naming the node, its partition and the
+  reason when it fails; the method's terms of the valid ones are reduced here.
 - ``SecureAggregation`` (server/secagg.py, privacy "secagg"): clients send their terms through SecAgg+ and the
   server sees only their sum.
 """
@@ -20,6 +21,7 @@ from typing import Protocol
 from flwr.common.logger import log
 from torch import Tensor
 
+from common.identity import IdentityError, PartitionBook
 from common.layout import ReplySpec
 from common.lorm_manifest_pb2 import GRAMS_REPLY, ROUND_REPLY
 from common.methods import Method
@@ -60,8 +62,8 @@ class Aggregation(Protocol):
 
 
 class PlainAggregation:
-    def __init__(self, transport: Transport, min_clients: int) -> None:
-        self.transport, self.min_clients = transport, min_clients
+    def __init__(self, transport: Transport, min_clients: int, partitions: PartitionBook) -> None:
+        self.transport, self.min_clients, self.partitions = transport, min_clients, partitions
 
     def exchange(self, order: RoundOrder, spec: ReplySpec, method: Method) -> Aggregate:
         arrays, config = order.to_wire()
@@ -76,17 +78,26 @@ class PlainAggregation:
 
         envelopes: (node id, (arrays, config)) as the client sent them, or (node id, reason) when unusable.
         """
-        valid, dropped = [], []
+        parsed, dropped = [], []
         for node, content in envelopes:
             if isinstance(content, str):
                 dropped.append((node, content))
                 continue
             try:
-                valid.append(_accept(node, *content, order, spec))
+                parsed.append((node, _accept(node, *content, order, spec)))
             except (InvalidUpdate, ProtocolError, KeyError, ValueError, TypeError, RuntimeError) as err:
                 dropped.append((node, f"{type(err).__name__}: {err}"))
+        try:  # one reply per partition, each holding what its partition must
+            counted, refused = self.partitions.settle(
+                [(node, reply.partition, reply.num_examples) for node, reply in parsed], (order.task,)
+            )
+        except IdentityError as err:
+            raise RoundFailed(f"task {order.task} round {order.round}: {err}") from None
+        dropped += refused
+        valid = [reply for node, reply in parsed if node in counted]
         for node, reason in dropped:
-            log(WARNING, "dropping node %s from task %d round %d: %s", node, order.task, order.round, reason)
+            log(WARNING, "dropping %s from task %d round %d: %s", self.partitions.describe(node), order.task,
+                order.round, reason)
         if len(valid) < self.min_clients:
             why = "".join(f"; node {node}: {reason}" for node, reason in dropped[:5])  # e.g. round-timeout too short
             raise RoundFailed(

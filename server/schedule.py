@@ -22,6 +22,7 @@ from flwr.common.logger import log
 from torch import Tensor
 
 from common.experiment import Experiment, stable_seed
+from common.identity import PartitionBook
 from common.layout import GRAMS, TRAIN
 from common.lora import init_adapter
 from common.merges import MergeError, TaskSums
@@ -42,6 +43,10 @@ class Schedule:
         self.merge_device = merge_device
         self.checkpoint = report.folder / "state.pt"
         self.state = self._initial_state()
+        # Who holds which partition; the run's num-partitions as set, or as learnt before a restart.
+        self.partitions = PartitionBook(
+            exp.stream, self.config.beta, self.config.seed, self.config.num_partitions or self.state.num_partitions
+        )
         # This session's clock, from the time earlier sessions had run; config.json waits for the first checkpoint.
         self._clock, self._wall_before, self._config_written = time.perf_counter(), self.state.wall_s, False
 
@@ -50,7 +55,7 @@ class Schedule:
 
     def _initial_state(self) -> ServerState:
         if self.checkpoint.exists():
-            state = ServerState.load(self.checkpoint, self.fingerprint)
+            state = ServerState.load(self.checkpoint, self.fingerprint, self.config.num_partitions)
             log(INFO, "resuming from %s at task %d round %d", self.checkpoint, state.task, state.round)
             return state
         A, B = self._fresh_adapter(0)
@@ -69,6 +74,7 @@ class Schedule:
             self.report.write_config(self.config.model_dump(by_alias=True))
             self._config_written = True
         self.state.wall_s = self._wall_before + time.perf_counter() - self._clock
+        self.state.num_partitions = self.partitions.num_partitions
         self.state.save(self.checkpoint, self.fingerprint)
         self.report.write_rounds(self.state.history)
 

@@ -8,12 +8,14 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig, resolve_device
-from common.experiment import build_experiment
+from common.data.check import check_images
+from common.experiment import DEFAULT_CACHE_DIR, build_experiment
 from server.report import RunReport
 from server.schedule import Schedule
 from server.state import ServerState, config_fingerprint
@@ -43,10 +45,15 @@ def _execute(
     log(INFO, "%s run %s: results in %s (device %s); if the run stops, submitting it again with run-name=%r "
         "resumes it from its last checkpoint", run.strategy, name, report.folder, device, name)
     exp = build_experiment(run, run.data_dir, device)
+    # The evaluation's image files, decoded now: a bad one would otherwise crash the first task end.
+    test = np.flatnonzero(np.isin(exp.stream.test_labels, [c for task in exp.tasks for c in task]))
+    check_images(exp.stream.test, test, what="the server's evaluation split", cache_dir=DEFAULT_CACHE_DIR)
     # Only settings that change results enter the fingerprint: a resumed run may get a new timeout or folder.
-    fingerprint = config_fingerprint(
-        {k: v for k, v in settings.items() if k not in ("round-timeout", "output-dir", "run-name", "device")}
-    )
+    # num-partitions is checked against the one the checkpoint's run had (0 there: learnt at start-up).
+    fingerprint = config_fingerprint({
+        k: v for k, v in settings.items()
+        if k not in ("round-timeout", "output-dir", "run-name", "device", "num-partitions")
+    })
     schedule = Schedule(exp, report, fingerprint, merge_device=device)
     if schedule.finished:
         log(INFO, "run %s finished earlier: nothing to do, %s left as it was", name, report.folder)

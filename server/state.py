@@ -46,6 +46,7 @@ class ServerState:
     task_aware: list[list[float]] = field(default_factory=list)  # the same, argmax within task j's classes
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0  # seconds the schedule has run, over every session up to this checkpoint
+    num_partitions: int = 0  # the run's, as set or learnt at the first start-up check (0: not known yet)
 
     def save(self, path: Path, fingerprint: str) -> None:
         payload = {
@@ -63,6 +64,7 @@ class ServerState:
             "task_aware": self.task_aware,
             "history": self.history,
             "wall_s": self.wall_s,
+            "num_partitions": self.num_partitions,
         }
         tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # a name no other writer shares
         with open(tmp, "wb") as f:
@@ -72,7 +74,9 @@ class ServerState:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path, fingerprint: str) -> "ServerState":
+    def load(cls, path: Path, fingerprint: str, num_partitions: int = 0) -> "ServerState":
+        """The checkpoint at ``path`` if it belongs to this run: the same fingerprint, and ``num_partitions``
+        (the run's setting; 0 = any) equal to the one its run had (CheckpointError otherwise)."""
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises several types for truncated/garbled files
@@ -83,6 +87,11 @@ class ServerState:
             raise CheckpointError(
                 f"checkpoint {path} belongs to a run with other settings (fingerprint {payload['fingerprint']}, "
                 f"this run {fingerprint}); use another run-name or output-dir to start fresh"
+            )
+        if num_partitions and payload.get("num_partitions", 0) not in (0, num_partitions):
+            raise CheckpointError(
+                f"checkpoint {path} belongs to a run over {payload['num_partitions']} partitions, this run sets "
+                f"num-partitions {num_partitions}; use another run-name or output-dir to start fresh"
             )
         return cls(
             task=payload["task"],
@@ -97,4 +106,5 @@ class ServerState:
             task_aware=payload.get("task_aware", []),  # absent from checkpoints written before it existed
             history=payload["history"],
             wall_s=payload.get("wall_s", 0.0),  # absent from checkpoints written before it existed
+            num_partitions=payload.get("num_partitions", 0),
         )

@@ -14,16 +14,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.config import RunConfig
+from common.identity import PartitionBook
 from server.aggregation import Aggregation, PlainAggregation
 from server.schedule import Schedule
 from server.secagg import SecAggPlusSum, SecureAggregation
+from server.startup import check_nodes
 from server.state import ServerState
 from server.transport import FlowerTransport
 
-AGGREGATIONS: dict[str, Callable[[Grid, RunConfig], Aggregation]] = {
-    "plain": lambda grid, run: PlainAggregation(FlowerTransport(grid, run.min_clients, run.round_timeout),
-                                                run.min_clients),
-    "secagg": lambda grid, run: SecureAggregation(SecAggPlusSum(grid, run), run),
+AGGREGATIONS: dict[str, Callable[[Grid, RunConfig, PartitionBook], Aggregation]] = {
+    "plain": lambda grid, run, partitions: PlainAggregation(
+        FlowerTransport(grid, run.min_clients, run.round_timeout), run.min_clients, partitions
+    ),
+    "secagg": lambda grid, run, partitions: SecureAggregation(SecAggPlusSum(grid, run), run),
 }
 
 
@@ -35,9 +38,10 @@ class FCILStrategy(Strategy):
         pass  # the schedule logs its own summary when it starts
 
     def start(self, grid: Grid, *args, **kwargs) -> ServerState:  # type: ignore[override]
-        """Run (or resume) the whole schedule over Flower; returns the final state."""
+        """Check the SuperNodes, then run (or resume) the whole schedule over Flower; returns the final state."""
         run = self.schedule.config
-        return self.schedule.run(AGGREGATIONS[run.privacy](grid, run))
+        check_nodes(FlowerTransport(grid, run.min_clients, run.round_timeout), self.schedule)
+        return self.schedule.run(AGGREGATIONS[run.privacy](grid, run, self.schedule.partitions))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
         return []

@@ -1,4 +1,6 @@
-"""Fuzz: malformed replies mixed among valid ones never change the merge; each is dropped with a log line."""
+"""Fuzz: malformed replies mixed among valid ones never change the merge; each is dropped with a log line.
+
+Valid replies come from nodes 0..3, each proving its own partition of K = 4; malformed ones from nodes 100+."""
 
 import itertools
 import random
@@ -8,6 +10,7 @@ import torch
 
 from common.config import RunConfig
 from common.experiment import build_experiment
+from common.identity import Partition, PartitionBook, partition_samples
 from common.model import HEAD
 from common.lorm_manifest_pb2 import DENSE_PACKED, ROUND_ORDER, Manifest
 from common.merges import project_gram
@@ -21,8 +24,9 @@ from server.transport import RoundFailed
 
 RUN = RunConfig(
     backbone="vit_tiny_test", img_size=32, num_tasks=2, max_train_per_class=4, max_test_per_class=2, rank=3,
-    alpha_head=0.5, min_clients=1,
+    alpha_head=0.5, min_clients=1, num_partitions=4,
 )
+K = RUN.num_partitions
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,8 @@ def order_and_spec(exp, s):
 
 
 def select(exp, s, envelopes):
-    return PlainAggregation(None, RUN.min_clients).select(envelopes, *order_and_spec(exp, s))
+    book = PartitionBook(exp.stream, RUN.beta, RUN.seed, K)
+    return PlainAggregation(None, RUN.min_clients, book).select(envelopes, *order_and_spec(exp, s))
 
 
 def merge(exp, s, accepted):
@@ -62,18 +67,19 @@ def psd(d, n=None, gen=None):
     return X.T @ X
 
 
-def valid_reply(exp, s, gen) -> tuple[dict, dict]:
-    """A B-round reply as a real client sends it (task 0, round 0), random but well-formed."""
+def valid_reply(exp, s, gen, partition: int = 0, num_partitions: int = K) -> tuple[dict, dict]:
+    """A B-round reply as a real client holding ``partition`` sends it (task 0, round 0), random but well-formed."""
+    fingerprint, count = partition_samples(exp.stream, (0,), partition, num_partitions, RUN.beta, RUN.seed)
     lo, hi = exp.block(0)
     d = exp.model.head.in_features
     grams = {name: project_gram(s.state.A[name].double(), torch.rand(d_in, dtype=torch.float64, generator=gen))
              for name, (_, d_in) in exp.shapes.items()}
     grams[HEAD] = psd(d, gen=gen)
     reply = ClientReply(
-        task=0, round=0, factor="B", num_examples=int(torch.randint(1, 50, (1,), generator=gen)), grams=grams,
+        task=0, round=0, factor="B", num_examples=count, grams=grams,
         trained={"B": {name: torch.randn(d_out, RUN.rank, generator=gen) for name, (d_out, _) in exp.shapes.items()}},
         head_weight=torch.randn(hi - lo, d, generator=gen), head_bias=torch.randn(hi - lo, generator=gen),
-        train_loss=1.0, projected=frozenset(exp.shapes),
+        train_loss=1.0, projected=frozenset(exp.shapes), partition=Partition(partition, num_partitions, fingerprint),
     )
     return reply.to_wire(torch.float32)
 
@@ -180,6 +186,29 @@ def _zero_samples(arrays, config, gen):
     return _set("num_examples", 0)(arrays, config, gen)
 
 
+def _partition(**fields):
+    def mutate(arrays, config, gen):
+        def edit(m):
+            for key, value in fields.items():
+                setattr(m.partition, key, value)
+        return arrays, _edit_manifest(config, edit)
+    return mutate
+
+
+def _duplicate(arrays, config, gen):
+    """Partition 0's reply, exactly as its holder would send it: refused only because node 0 (or 1) has it."""
+    fingerprint, count = partition_samples(build_experiment(RUN, "", "cpu", "").stream, (0,), 0, K, RUN.beta, RUN.seed)
+    return _partition(partition_id=0, fingerprint=fingerprint)(*_set("num_examples", count)(arrays, config, gen), gen)
+
+
+def _no_partition(arrays, config, gen):
+    return arrays, _edit_manifest(config, lambda m: m.ClearField("partition"))
+
+
+def _other_count(arrays, config, gen):
+    return arrays, _edit_manifest(config, lambda m: setattr(m, "num_examples", m.num_examples + 1))
+
+
 MUTATIONS = {
     "NaN factor": _nan,
     "Inf Gram": _inf_gram,
@@ -201,6 +230,22 @@ MUTATIONS = {
     "stale round": _set("round", 1),
     "stale task": _set("task", 1),
     "wrong factor": _set("factor", "A"),
+    # what a node started with other partition settings or other data would send (a valid reply otherwise)
+    "partition already held (node 0 has it)": _duplicate,
+    "other num-partitions": _partition(num_partitions=K + 1),
+    "partition-id out of range": _partition(partition_id=K, num_partitions=K),
+    "samples not the partition's": _partition(fingerprint=bytes(16)),
+    "sample count not the partition's": _other_count,
+    "no partition": _no_partition,
+}
+# The reasons logged for the partition checks (server/aggregation.py, common/identity.py), when node 1 holds 0.
+REASONS = {
+    "partition already held (node 0 has it)": "claims partition 0/4: partition 0 is already held by node 1",
+    "other num-partitions": "claims partition 1/5: the run has num-partitions 4",
+    "partition-id out of range": "claims partition 4/4: partition-id out of range",
+    "samples not the partition's": "claims partition 1/4: its samples are not the partition's",
+    "sample count not the partition's": "samples, the partition has",
+    "no partition": "reply carries no partition",
 }
 
 
@@ -213,10 +258,10 @@ def test_every_malformed_reply_is_dropped_and_the_merge_equals_the_valid_ones(ex
     per_trial = 5
     for trial in range(-(-len(order) // per_trial)):
         s = strategy(exp, tmp_path)
-        valid = [valid_reply(exp, s, gen) for _ in range(rng.randint(1, 4))]
+        valid = [valid_reply(exp, s, gen, i) for i in range(rng.randint(1, K))]
         envelopes = [(i, (dict(a), dict(c))) for i, (a, c) in enumerate(valid)]
         for j, name in enumerate(order[trial * per_trial : (trial + 1) * per_trial]):
-            arrays, config = valid_reply(exp, s, gen)
+            arrays, config = valid_reply(exp, s, gen, rng.randrange(K))
             envelopes.append((100 + j, MUTATIONS[name](dict(arrays), dict(config), gen)))
             tried[name] += 1
         envelopes.append((999, "client error: the node vanished"))
@@ -238,13 +283,17 @@ def test_every_malformed_reply_is_dropped_and_the_merge_equals_the_valid_ones(ex
 def test_each_mutation_alone_is_refused_with_its_reason(exp, tmp_path, caplog):
     gen = torch.Generator().manual_seed(1)
     s = strategy(exp, tmp_path)
-    good = valid_reply(exp, s, gen)
+    good = valid_reply(exp, s, gen, 0)
     for name, mutate in MUTATIONS.items():
-        arrays, config = valid_reply(exp, s, gen)
+        arrays, config = valid_reply(exp, s, gen, 1)
         caplog.clear()
         accepted, dropped = select(exp, s, [(1, good), (2, mutate(dict(arrays), dict(config), gen))])
         assert (len(accepted), dropped) == (1, 1), name
-        assert "dropping node 2" in caplog.text, name
+        assert "dropping node 2 (partition unknown)" in caplog.text, name
+        assert REASONS.get(name, "") in caplog.text, (name, caplog.text)
+    caplog.clear()
+    select(exp, s, [(1, good), (2, "client error: out of memory")])
+    assert "dropping node 2 (partition unknown) from task 0 round 0: client error: out of memory" in caplog.text
 
 
 def test_too_few_valid_replies_fail_the_round(exp, tmp_path):

@@ -27,7 +27,7 @@ def test_a_restarted_server_resumes_where_it_stopped_and_ends_identical(tmp_path
 
     class CrashingTransport(InProcessTransport):
         def exchange(self, *args):
-            if self.calls == 4:  # after task 0 (3 rounds + its task end) was checkpointed
+            if self.calls == 5:  # after the start-up check and task 0 (3 rounds + its task end, checkpointed)
                 raise Crash()
             return super().exchange(*args)
 
@@ -47,20 +47,20 @@ def test_a_restarted_server_resumes_where_it_stopped_and_ends_identical(tmp_path
 
 
 def test_a_failing_or_vanished_client_is_left_out_and_the_run_goes_on(tmp_path, caplog):
-    faults = {(1, 2): RuntimeError("CUDA out of memory"), (2, 0): "absent", (4, 1): RuntimeError("disk full")}
+    faults = {(2, 2): RuntimeError("CUDA out of memory"), (3, 0): "absent", (5, 1): RuntimeError("disk full")}
     transport = InProcessTransport(RUN, K, fault=lambda call, node, kind: faults.get((call, node)))
     state = run_in_process(schedule_for(RUN, tmp_path / "faulty"), transport)
     assert len(state.acc) == 2
     clients = [h["clients"] for h in state.history]
-    # calls 0-2 are task 0's rounds, call 3 its task end, call 4 task 1's first round
+    # call 0 is the start-up check, calls 1-3 task 0's rounds, call 4 its task end, call 5 task 1's first round
     assert clients == [3, 2, 2, 2, 3, 3]
     assert [h["dropped"] for h in state.history] == [0, 1, 0, 1, 0, 0]  # an absent node is not even a reply
-    assert "dropping node 2 from task 0 round 1: client error: CUDA out of memory" in caplog.text
-    assert "dropping node 1 from task 1 round 0: client error: disk full" in caplog.text
+    assert "dropping node 2 (partition 2/3) from task 0 round 1: client error: CUDA out of memory" in caplog.text
+    assert "dropping node 1 (partition 1/3) from task 1 round 0: client error: disk full" in caplog.text
 
 
 def test_below_min_clients_the_round_fails_and_the_checkpoint_stays_resumable(tmp_path):
-    transport = InProcessTransport(RUN, K, fault=lambda call, node, kind: "absent" if call == 1 and node else None)
+    transport = InProcessTransport(RUN, K, fault=lambda call, node, kind: "absent" if call == 2 and node else None)
     folder = tmp_path / "starved"
     with pytest.raises(RoundFailed, match="1 valid replies, min-clients is 2"):
         run_in_process(schedule_for(RUN, folder), transport)

@@ -62,7 +62,7 @@ def test_a_resumed_run_adds_up_the_wall_time_of_its_sessions(tmp_path):
 
     class Cut(InProcessTransport):
         def exchange(self, *args):
-            if self.calls == 2:  # task 0's round and task end are checkpointed
+            if self.calls == 3:  # after the start-up check, task 0's round and its task end (checkpointed)
                 raise Crash()
             return super().exchange(*args)
 

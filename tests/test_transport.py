@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
+from common.identity import PartitionBook
 from server.aggregation import PlainAggregation
 from server.transport import FlowerTransport, RoundFailed, wait_for_nodes
 from tests.direct_grid import server_identity
@@ -56,7 +57,7 @@ def test_when_every_node_times_out_the_error_names_round_timeout():
     order = SimpleNamespace(task=0, round=0)
     with pytest.raises(RoundFailed, match=r"0 valid replies, min-clients is 1; node 11: no reply within round-timeout "
                        r"0.01 s"):
-        PlainAggregation(None, 1).select(envelopes, order, None)
+        PlainAggregation(None, 1, PartitionBook(None, 0.5, 0)).select(envelopes, order, None)
 
 
 def test_waiting_for_too_few_nodes_is_logged_at_once_and_the_error_names_both_settings(caplog):

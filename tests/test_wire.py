@@ -6,12 +6,17 @@ import pytest
 import torch
 
 from common.grams import GramError, low_rank_factor, shrink
-from common.lorm_manifest_pb2 import GRAMS_ORDER, ROUND_ORDER, ROUND_REPLY, Manifest
-from common.protocol import MANIFEST_KEY, SCHEMA_VERSION, ClientReply, ProtocolError, RoundOrder
+from common.identity import Partition
+from common.lorm_manifest_pb2 import CHECK_ORDER, GRAMS_ORDER, ROUND_ORDER, ROUND_REPLY, Manifest
+from common.protocol import (
+    MANIFEST_KEY, SCHEMA_VERSION, ClientReply, NodeCheck, ProtocolError, RoundOrder, check_order, read_manifest,
+)
 from common.validation import check_gram
 from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
 
 ROOT = Path(__file__).resolve().parents[1]
+
+PART = Partition(1, 3, bytes(range(16)))  # every reply proves a partition
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -90,7 +95,8 @@ def test_client_reply_round_trip_with_packed_head_gram():
     g = _gen(2)
     head_gram = _sym(4, seed=2)
     diag = (torch.randn(40, 4, dtype=torch.float64, generator=g) ** 2).sum(0)
-    reply = ClientReply(task=0, round=1, factor="A", num_examples=40, grams={"l1": diag, "head": head_gram},
+    reply = ClientReply(partition=PART, task=0, round=1, factor="A", num_examples=40,
+                        grams={"l1": diag, "head": head_gram},
                         trained={"A": {"l1": torch.randn(2, 4, generator=g)}}, head_weight=torch.randn(3, 4, generator=g),
                         head_bias=torch.randn(3, generator=g), train_loss=0.5)
     arrays, config = reply.to_wire(torch.float64)
@@ -107,7 +113,8 @@ def test_client_reply_round_trip_with_packed_head_gram():
 
 def _head_reply(G: torch.Tensor, alpha: float) -> ClientReply:
     g = _gen(3)
-    return ClientReply(task=0, round=1, factor="A", num_examples=9, grams={"head": G}, trained={"A": {}},
+    return ClientReply(partition=PART, task=0, round=1, factor="A", num_examples=9, grams={"head": G},
+                       trained={"A": {}},
                        head_weight=torch.randn(3, G.shape[0], generator=g), head_bias=torch.randn(3, generator=g),
                        low_rank={"head": alpha})
 
@@ -172,7 +179,7 @@ def test_low_rank_gram_with_bad_shape_or_shrinkage_is_refused():
 def test_projected_grams_travel_as_packed_r_by_r_and_are_marked():
     g = _gen(7)
     P = _sym(3, seed=7)
-    reply = ClientReply(task=1, round=0, factor="B", num_examples=9, grams={"l1": P},
+    reply = ClientReply(partition=PART, task=1, round=0, factor="B", num_examples=9, grams={"l1": P},
                         trained={"B": {"l1": torch.randn(5, 3, generator=g)}}, head_weight=torch.randn(2, 4, generator=g),
                         head_bias=torch.randn(2, generator=g), projected=frozenset({"l1"}))
     arrays, config = reply.to_wire(torch.float64)
@@ -183,7 +190,7 @@ def test_projected_grams_travel_as_packed_r_by_r_and_are_marked():
 
 def test_integer_statistics_are_refused():
     g = _gen(8)
-    reply = ClientReply(task=0, round=1, factor="A", num_examples=4, grams={"l1": torch.ones(4)},
+    reply = ClientReply(partition=PART, task=0, round=1, factor="A", num_examples=4, grams={"l1": torch.ones(4)},
                         trained={"A": {"l1": torch.randn(2, 4, generator=g)}}, head_weight=torch.randn(1, 4, generator=g),
                         head_bias=torch.randn(1, generator=g))
     arrays, config = reply.to_wire(torch.float32)
@@ -217,7 +224,7 @@ def test_16_bit_gram_transport_is_scaled_into_range_and_passes_validation(dtype)
     x = torch.cat([x, torch.zeros(5000, 2, dtype=torch.float64)], 1)
     G = x.T @ x
     assert G.max() > 65504
-    reply = ClientReply(task=0, round=1, factor="A", num_examples=5000, grams={"head": G},
+    reply = ClientReply(partition=PART, task=0, round=1, factor="A", num_examples=5000, grams={"head": G},
                         trained={"A": {"l1": torch.randn(2, 4, generator=g)}}, head_weight=torch.randn(1, 8, generator=g),
                         head_bias=torch.randn(1, generator=g))
     arrays, config = reply.to_wire(dtype)
@@ -227,3 +234,22 @@ def test_16_bit_gram_transport_is_scaled_into_range_and_passes_validation(dtype)
     eps = torch.finfo(dtype).eps
     assert ((back.grams["head"] - G).abs().max() / G.abs().max()) < eps
     check_gram("1", "head", back.grams["head"], eps)
+
+
+def test_a_reply_proves_its_partition_and_one_without_is_refused():
+    reply = _head_reply(torch.eye(3, dtype=torch.float64), 0.0)
+    arrays, config = reply.to_wire(torch.float32)
+    assert ClientReply.from_wire(arrays, config, ROUND_REPLY).partition == PART
+    m = Manifest.FromString(config[MANIFEST_KEY])
+    m.ClearField("partition")
+    with pytest.raises(ProtocolError, match="reply carries no partition"):
+        ClientReply.from_wire(arrays, {MANIFEST_KEY: m.SerializeToString()}, ROUND_REPLY)
+
+
+def test_the_start_up_check_is_a_manifest_only_exchange():
+    arrays, config = check_order()
+    assert arrays == {} and read_manifest(arrays, config, CHECK_ORDER).kind == CHECK_ORDER
+    withheld = NodeCheck(Partition(-1, 4), 0)
+    for check in (NodeCheck(PART, 37), withheld):
+        assert NodeCheck.from_wire(*check.to_wire()) == check
+    assert withheld.partition.withheld and str(withheld.partition) == "partition ?/4"

@@ -1,4 +1,5 @@
-"""A disk cache of decoded, resized streams, for processes that start fresh for every message.
+"""A disk cache of decoded, resized streams, for processes that start fresh for every message, and of the
+verdicts of image-file checks (common/data/check.py).
 
 A deployed SuperNode runs each message in a new ClientApp process, so the per-process ``load_stream`` cache
 is empty every time and the offline stream would be decoded and resized again (seconds per message). Only
@@ -7,6 +8,9 @@ project's data code, whose hashes are part of the key, so a cached stream is nev
 user's ``data_dir`` are not cached.
 
 The cache holds pickles this process wrote itself; it is trusted local state, like a model checkpoint.
+
+A check verdict is an empty file named by the hash of the checked files' paths, sizes and modification times:
+present means those very files all decoded, so a changed, replaced or added file is checked again.
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ def _inputs_fingerprint() -> dict:
 def cache_path(cache_dir: Path, name: str, kwargs: dict) -> Path:
     key = json.dumps({"name": name, "args": kwargs, "inputs": _inputs_fingerprint()}, sort_keys=True, default=str)
     return cache_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+
+
+def verdict_path(cache_dir: Path, files: list[Path]) -> Path:
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return cache_dir / "checked" / f"{digest.hexdigest()[:32]}.ok"
+
+
+def remember_checked(cache_dir: Path, files: list[Path]) -> None:
+    path = verdict_path(cache_dir, files)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
 
 
 def load_or_build(cache_dir: Path, name: str, kwargs: dict, build) -> Stream:
