@@ -33,6 +33,9 @@ from deploy.processes import BIN, OFFLINE, ROOT, Processes, flwr_run, free_port,
 
 CONNECTION = "deploy"
 LINK_PORT = 8000  # Flower's default; used as is only where the SuperLink has a network namespace of its own
+# Flower fails a run whose SuperLink restarts; the run's own checkpoint survives it (and any failed round).
+RESUME = ("[deploy] to continue the run, submit it again with the same run-name (the ServerApp's first log line "
+          "names it): it resumes from its last checkpoint")
 
 
 @dataclass
@@ -193,13 +196,16 @@ def main(argv: list[str] | None = None) -> int:
             run_id = flwr_run(dep.env, dep.connection, ROOT, run_config, [])
             status = run_status(dep.env, dep.connection, run_id)
         except (RuntimeError, TimeoutError) as err:
-            print(f"[deploy] failed: {err}", file=sys.stderr)
+            print(f"[deploy] failed: {err}\n{RESUME}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("[deploy] interrupted", file=sys.stderr)
             return 130
     print(f"[deploy] run {run_id}: {status} in {time.perf_counter() - started:.0f} s")
-    return 0 if status.startswith("finished:completed") else 1
+    if not status.startswith("finished:completed"):
+        print(RESUME, file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

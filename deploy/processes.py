@@ -154,10 +154,16 @@ def flwr_run(env: dict, connection: str, app: Path, run_config: str, extra: list
 
 
 def run_status(env: dict, connection: str, run_id: str) -> str:
-    """The SuperLink's final word on a run, e.g. 'finished:completed' or 'finished:failed'."""
+    """The SuperLink's final word on a run, e.g. 'finished:completed' or 'finished:failed' (RuntimeError when
+    the SuperLink cannot be asked, e.g. because it died with the run)."""
     out = subprocess.run(
         [str(BIN / "flwr"), "ls", connection, "--run-id", run_id, "--format", "json"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env, capture_output=True, text=True,
     )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"the SuperLink could not tell the status of run {run_id} (is it down?); `flwr ls` said: "
+            f"{(out.stdout + out.stderr).strip()[-500:]}"
+        )
     run = json.loads(out.stdout)["runs"][0]
     return f"{run['status']}" + (f" ({run['status-details']})" if run.get("status-details", "N/A") != "N/A" else "")
