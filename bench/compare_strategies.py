@@ -60,8 +60,8 @@ COLUMNS = [
 ]
 # LoRM and both cross-task rules of each averaging baseline (fed-mammoth's default is "mean").
 DEFAULT_STRATEGIES = [
-    "lorm", "fedavg-lora:cross-task=mean", "fedavg-lora:cross-task=chain", "ffa-lora:cross-task=mean",
-    "ffa-lora:cross-task=chain", "regmean",
+    "lorm", "fedavg-lora:cross-task='mean'", "fedavg-lora:cross-task='chain'", "ffa-lora:cross-task='mean'",
+    "ffa-lora:cross-task='chain'", "regmean",
 ]
 OWN_DELTA = " (each task on its own delta)"
 

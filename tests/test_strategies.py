@@ -107,3 +107,14 @@ def test_paired_difference_and_its_interval_by_hand():
             {"strategy": "ffa-lora", "beta": 0.1, "faa_seeds": [2.0, 4.0]}]
     cs.add_paired_differences(rows, "lorm")
     assert rows[0]["diff"] is None and rows[1]["diff"][0] == 1.5 and rows[2]["diff"] is None
+
+
+def test_default_comparison_rows_are_valid_run_configs():
+    """Each default row's settings go through Flower's own --run-config parser and the run config's checks."""
+    from flwr.common.config import parse_config_args
+
+    import bench.compare_strategies as cs
+
+    for spec in cs.DEFAULT_STRATEGIES:
+        name, extra = cs.parse_strategy(spec)
+        RunConfig.parse({"strategy": name} | parse_config_args([extra] if extra else []), source=spec)
