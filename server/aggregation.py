@@ -39,6 +39,7 @@ class Aggregate:
     dropped: int
     uplink_bytes_per_client: float
     downlink_bytes_per_client: float
+    partitions: tuple[int, ...] = ()  # the partition-ids that counted (none known under secure aggregation)
 
     @property
     def train_loss(self) -> float:
@@ -49,7 +50,8 @@ class Aggregate:
     def record(self) -> dict:
         """The fields of a round's line in rounds.csv."""
         return {
-            "clients": self.clients, "dropped": self.dropped, "train_loss": self.train_loss,
+            "clients": self.clients, "dropped": self.dropped, "partitions": " ".join(map(str, self.partitions)),
+            "train_loss": self.train_loss,
             "uplink_bytes_per_client": self.uplink_bytes_per_client,
             "downlink_bytes_per_client": self.downlink_bytes_per_client,
         }
@@ -71,7 +73,8 @@ class PlainAggregation:
         sizes = [nbytes(content[0]) for _, content in envelopes if not isinstance(content, str)]
         valid, dropped = self.select(envelopes, order, spec)
         terms = sum_terms([method.terms(order, reply) for reply in valid], spec.terms)
-        return Aggregate(terms, len(valid), dropped, sum(sizes) / max(len(sizes), 1), nbytes(arrays))
+        partitions = tuple(sorted(reply.partition.partition_id for reply in valid))
+        return Aggregate(terms, len(valid), dropped, sum(sizes) / max(len(sizes), 1), nbytes(arrays), partitions)
 
     def select(self, envelopes: Iterable[Envelope], order: RoundOrder, spec: ReplySpec) -> tuple[list[ClientReply], int]:
         """The replies fit to merge, and how many were dropped (each with a log line naming node and reason).

@@ -3,7 +3,8 @@
     <output-dir>/<run-name>/
         config.json       the validated run config (written at the run's first checkpoint: a run refused at
                           start-up, or resumed with nothing left to do, leaves the folder as it was)
-        rounds.csv        one line per round: task, round, factor, clients, loss, bytes, merge and wall time
+        rounds.csv        one line per round: task, round, factor, clients, drops, the partitions merged, loss,
+                          bytes, merge and wall time
         acc_matrix.csv    acc[t][j] (%) after task t on task j's classes (empty when j > t)
         metrics.json      FAA, average forgetting, accuracy per task after each task, the matrix, wall time, and
                           the task-aware FAA and matrix (argmax within each task's classes: a diagnostic);
@@ -36,7 +37,7 @@ from common.metrics import (  # noqa: E402
 )
 
 ROUND_FIELDS = [
-    "task", "round", "factor", "clients", "dropped", "train_loss", "uplink_bytes_per_client",
+    "task", "round", "factor", "clients", "dropped", "partitions", "train_loss", "uplink_bytes_per_client",
     "downlink_bytes_per_client", "merge_s", "wall_s",
 ]
 

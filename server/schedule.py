@@ -151,8 +151,11 @@ class Schedule:
         s, method = self.state, self.method
         grams = None
         if method.task_end_grams:
-            terms = self._exchange(aggregation, GRAMS, "").terms  # the running sums stay on the CPU, as checkpointed
-            grams = {key[len("gram/"):]: t for key, t in terms.items() if key.startswith("gram/")}
+            gathered = self._exchange(aggregation, GRAMS, "")  # the running sums stay on the CPU, as checkpointed
+            grams = {key[len("gram/"):]: t for key, t in gathered.terms.items() if key.startswith("gram/")}
+            log(INFO, "[task %d/%d end] Grams of %d clients (partitions %s), %d dropped", s.task + 1,
+                len(self.exp.tasks), gathered.clients, " ".join(map(str, gathered.partitions)) or "withheld",
+                gathered.dropped)
         cross = method.end_task((s.A, s.B), CrossTask(s.past, s.sums), grams)
         s.past, s.sums = cross.past, cross.sums
         deltas = method.eval_deltas(cross, list(self.exp.shapes), self.config.ridge)

@@ -55,6 +55,7 @@ def test_a_failing_or_vanished_client_is_left_out_and_the_run_goes_on(tmp_path, 
     # call 0 is the start-up check, calls 1-3 task 0's rounds, call 4 its task end, call 5 task 1's first round
     assert clients == [3, 2, 2, 2, 3, 3]
     assert [h["dropped"] for h in state.history] == [0, 1, 0, 1, 0, 0]  # an absent node is not even a reply
+    assert [h["partitions"] for h in state.history] == ["0 1 2", "0 1", "1 2", "0 2", "0 1 2", "0 1 2"]
     assert "dropping node 2 (partition 2/3) from task 0 round 1: client error: CUDA out of memory" in caplog.text
     assert "dropping node 1 (partition 1/3) from task 1 round 0: client error: disk full" in caplog.text
 
