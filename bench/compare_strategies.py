@@ -105,11 +105,19 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in text).strip("-")
 
 
-def run_one(name: str, strategy: str, beta: float, overrides: str, out: Path, supernodes: int, in_process: bool) -> dict:
-    """``strategy``: a spec for parse_strategy; ``overrides``: run-config settings added for this run."""
+class NotFinished(Exception):
+    """A run that --finished-only does not start."""
+
+
+def run_one(name: str, strategy: str, beta: float, overrides: str, out: Path, supernodes: int, in_process: bool,
+            start: bool = True) -> dict:
+    """``strategy``: a spec for parse_strategy; ``overrides``: run-config settings added for this run;
+    ``start``: run it if it has not finished (else NotFinished)."""
     method, extra = parse_strategy(strategy)
     folder = out / "runs" / name
     if not (folder / "metrics.json").exists() or json.loads((folder / "metrics.json").read_text()).get("wall_s") is None:
+        if not start:
+            raise NotFinished(name)
         config = f"strategy='{method}' beta={beta} output-dir='{out / 'runs'}' run-name='{name}' {overrides} {extra}"
         if in_process:
             run_in_process(config, name, supernodes)
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="choose KEY per strategy and beta on a validation hold-out (see above)")
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, default=1, help="table runs per row (see above)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="start no run: the table of the rows whose every run has finished")
     parser.add_argument("--own-delta", default="lorm", metavar="METHOD",
                         help="add a diagnostic row for this method's runs: each task on W0 + its own delta")
     args = parser.parse_args(argv)
@@ -297,11 +307,16 @@ def main(argv: list[str] | None = None) -> int:
                 tuning += val_rows
                 write_tuning(tuning, args.out)
                 overrides = f"{overrides} {chosen}"
-            runs = [
-                run_one(f"{slug(strategy)}-beta{beta}" + (f"-seed{k}" if k else ""), strategy, beta,
-                        overrides + (f" seed={k}" if k else ""), args.out, args.supernodes, args.in_process)
-                for k in range(args.seeds)
-            ]
+            try:
+                runs = [
+                    run_one(f"{slug(strategy)}-beta{beta}" + (f"-seed{k}" if k else ""), strategy, beta,
+                            overrides + (f" seed={k}" if k else ""), args.out, args.supernodes, args.in_process,
+                            start=not args.finished_only)
+                    for k in range(args.seeds)
+                ]
+            except NotFinished as missing:
+                print(f"{strategy} beta {beta}: left out, run {missing} has not finished", flush=True)
+                continue
             rows.append(aggregate(runs) | {"chosen": chosen})
             print(f"{strategy} beta {beta}: FAA {rows[-1]['faa']:.2f} +- {rows[-1]['faa_std']:.2f}% "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
