@@ -21,12 +21,15 @@ import csv
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+from flwr.common.logger import log
 
 matplotlib.use("Agg")  # headless servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,6 +84,11 @@ def summary(
     return result
 
 
+# How long a run waits for its folder's lock: long enough for the ServerApp of an earlier submission to finish
+# stopping (Flower's SuperExec ends it, or its own retries give up, once its SuperLink died or restarted).
+LOCK_WAIT_S = 60.0
+
+
 class RunLocked(RuntimeError):
     """Another process holds the run folder: two ServerApps with one run-name would both write its checkpoint."""
 
@@ -93,16 +101,27 @@ class RunReport:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the folder's lock (an flock on <folder>/.lock, freed by the kernel when the process dies) for the
-        whole run; RunLocked at once, naming the holder's pid, when another process has it."""
+        whole run. When another process has it, wait up to LOCK_WAIT_S (the ServerApp of a submission whose
+        SuperLink restarted may still be stopping), then RunLocked naming the holder's pid."""
         with open(self.folder / ".lock", "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                raise RunLocked(
-                    f"run folder {self.folder} is in use by another run (pid {f.read().strip() or '?'}); wait for it "
-                    "to end or choose another run-name"
-                ) from None
+            deadline, warned = time.monotonic() + LOCK_WAIT_S, False
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().strip() or "?"
+                if time.monotonic() > deadline:
+                    raise RunLocked(
+                        f"run folder {self.folder} is in use by another run (pid {holder}); wait for it to end or "
+                        "choose another run-name"
+                    )
+                if not warned:
+                    log(WARNING, "run folder %s is in use by pid %s; waiting up to %.0f s for it to end", self.folder,
+                        holder, LOCK_WAIT_S)
+                    warned = True
+                time.sleep(0.5)
             f.truncate(0)
             f.write(str(os.getpid()))
             f.flush()

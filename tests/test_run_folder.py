@@ -8,6 +8,7 @@ import torch
 
 from common.config import RunConfig
 from deploy.inprocess import InProcessTransport, run_in_process
+import server.report as report_module
 from server.report import RunLocked, RunReport
 from server.server_app import execute
 from server.state import CheckpointError
@@ -26,7 +27,9 @@ def in_process(run, calls=None):
     return drive
 
 
-def test_a_second_process_on_the_same_run_folder_is_refused_naming_the_holder(tmp_path):
+def test_a_second_process_on_the_same_run_folder_waits_then_is_refused_naming_the_holder(tmp_path, monkeypatch,
+                                                                                         caplog):
+    monkeypatch.setattr(report_module, "LOCK_WAIT_S", 0.6)
     report = RunReport(tmp_path / "busy")
     with report.locked():
         with pytest.raises(RunLocked, match=r"run folder .*busy is in use by another run \(pid \d+\)"):
@@ -34,6 +37,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused_naming_the_holder(tm
                 pass
         with pytest.raises(RunLocked):
             execute(RUN.model_copy(update={"output_dir": str(tmp_path)}), "busy", in_process(RUN))
+    assert "run folder" in caplog.text and "waiting up to 1 s for it to end" in caplog.text
     with RunReport(tmp_path / "busy").locked():  # released with the first holder
         pass
 
