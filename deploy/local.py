@@ -48,7 +48,18 @@ class Deployment:
     procs: Processes
     certs: Path | None
     base_env: dict = field(repr=False)
+    link: Host = field(default_factory=Host)
+    link_cmd: list[str] = field(default_factory=list)  # how the SuperLink was started, to start it again
     connection: str = CONNECTION
+
+    def start_superlink(self) -> subprocess.Popen:
+        """Start the SuperLink on its port and database. Started again after it died, it finds the federation in
+        the database; Flower marks the runs it had in flight as failed (the app's checkpoint lets them resume)."""
+        env = self.base_env | {"FLWR_HOME": str(self.workdir / "superlink")}
+        proc = self.procs.start("superlink", self.link_cmd, env, self.link.prefix)
+        # imports alone take 20 s on a busy 2-core box
+        wait_for_port(self.link.address, int(self.address.rpartition(":")[2]), proc, timeout=120)
+        return proc
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True,
@@ -122,17 +133,6 @@ def local_deployment(workdir: Path, k: int, *, tls: Path | None = None, auth: bo
         (workdir / "superlink").mkdir()
         tls_args = (["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem"),
                      "--ssl-keyfile", str(tls / "server.key")] if tls else ["--insecure"])
-        superlink = procs.start(
-            "superlink",
-            [str(BIN / "flower-superlink"), *tls_args, *(["--enable-supernode-auth"] if auth else []),
-             "--host", link.address, "--port", str(port), "--database", str(workdir / "superlink.db"),
-             "--disable-runtime-dependency-installation"],
-            base_env | {"FLWR_HOME": str(workdir / "superlink")}, link.prefix,
-        )
-        print(f"[deploy] SuperLink pid {superlink.pid} on {link.address}:{port}"
-              f"{' (TLS' + (' + SuperNode auth)' if auth else ')') if tls else ''}", flush=True)
-        wait_for_port(link.address, port, superlink, timeout=120)  # imports alone take 20 s on a busy 2-core box
-
         address = f"{link.address}:{port}"
         cli = workdir / "cli"
         cli.mkdir()
@@ -140,7 +140,13 @@ def local_deployment(workdir: Path, k: int, *, tls: Path | None = None, auth: bo
         (cli / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
         )
-        dep = Deployment(workdir, base_env | {"FLWR_HOME": str(cli)}, address, procs, tls, base_env)
+        link_cmd = [str(BIN / "flower-superlink"), *tls_args, *(["--enable-supernode-auth"] if auth else []),
+                    "--host", link.address, "--port", str(port), "--database", str(workdir / "superlink.db"),
+                    "--disable-runtime-dependency-installation"]
+        dep = Deployment(workdir, base_env | {"FLWR_HOME": str(cli)}, address, procs, tls, base_env, link, link_cmd)
+        superlink = dep.start_superlink()
+        print(f"[deploy] SuperLink pid {superlink.pid} on {address}"
+              f"{' (TLS' + (' + SuperNode auth)' if auth else ')') if tls else ''}", flush=True)
 
         nodes = []
         for i, host in enumerate(hosts.nodes):

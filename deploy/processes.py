@@ -113,7 +113,7 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, cmd: list[str], env: dict, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
-        with open(self.workdir / f"{name}.log", "w") as log:
+        with open(self.workdir / f"{name}.log", "a") as log:  # a restarted process adds to its log
             proc = subprocess.Popen(
                 [*prefix, *cmd], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
