@@ -40,6 +40,8 @@ class BackboneSpec:
 
     ``build(weights)``: the model (pooled features (N, num_features)); ``weights`` None = the default weights,
     else a local file. ``mean``/``std``: per-channel normalisation of [0, 1] RGB inputs the weights expect.
+    ``timm_name`` / ``timm_args``: the timm architecture that is the same network with a classifier,
+    ``timm.create_model(timm_name, num_classes=C, **timm_args)`` (what the exported model loads into).
     """
 
     name: str
@@ -49,6 +51,8 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     default_img_size: int
+    timm_name: str
+    timm_args: tuple[tuple[str, object], ...] = ()  # (key, value) pairs: a frozen spec stays hashable
 
 
 def _existing_file(path: str | Path) -> Path:
@@ -237,6 +241,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             mean=_LITE_MEAN,
             std=_LITE_STD,
             default_img_size=224,
+            timm_name="tf_efficientnet_lite0",
         ),
         BackboneSpec(
             name=VIT_BASE,
@@ -246,6 +251,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             mean=_VIT_BASE_CFG.mean,  # timm's data config for these weights (mean = std = 0.5)
             std=_VIT_BASE_CFG.std,
             default_img_size=224,
+            timm_name=VIT_BASE,
         ),
         BackboneSpec(
             name="vit_tiny_test",
@@ -255,6 +261,9 @@ BACKBONES: dict[str, BackboneSpec] = {
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             default_img_size=32,
+            # Not a timm name: timm's ViT-Ti/16 with this one's sizes is the same VisionTransformer (the same keys).
+            timm_name="vit_tiny_patch16_224",
+            timm_args=(("img_size", 32), ("patch_size", 8), ("embed_dim", 64), ("depth", 2), ("num_heads", 2)),
         ),
     )
 }

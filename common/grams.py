@@ -103,7 +103,7 @@ def _hook(stats: GramStats, name: str, rows_of: Callable[[Tensor], Tensor], modu
 def collect_grams(modules: Mapping[str, nn.Module], alpha: Mapping[str, float]) -> Iterator[GramStats]:
     """Within the block, every forward of ``modules[name]`` adds its input rows to the Gram of ``name``.
 
-    ``modules``: LoRALayer, nn.Linear or 1x1 nn.Conv2d by name; ``alpha``: shrinkage per name (same names).
+    ``modules``: peft LoRA layer, nn.Linear or 1x1 nn.Conv2d by name; ``alpha``: shrinkage per name (same names).
     The hooks are removed on exit, also on an exception; the returned stats stay readable afterwards.
     """
     missing = [n for n in modules if n not in alpha]

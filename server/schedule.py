@@ -4,6 +4,7 @@
         for each round:   clients train the round's factors + head block -> the method's merge
         task end:         (if the method asks) clients' Grams -> the method's task-end rule
                           evaluate W0 + the method's delta on every task seen -> one row of the accuracy matrix
+                          export that model for timm and peft (server/export.py)
 
 The method (common/methods/) says what each step computes and the aggregation (server/aggregation.py) how the
 replies are gathered; this module names neither a method nor a privacy mode. Only replies that pass validation
@@ -30,6 +31,7 @@ from common.methods import CrossTask
 from common.protocol import RoundOrder
 from server.aggregation import Aggregation
 from server.evaluation import evaluate_seen
+from server.export import export_model
 from server.report import RunReport
 from server.state import ServerState
 from server.transport import RoundFailed
@@ -169,6 +171,10 @@ class Schedule:
             s.task + 1, len(self.exp.tasks), " ".join(f"{a:.1f}" for a in row), result["faa"],
             result.get("task_aware_faa", math.nan),
         )
+        # The model just evaluated, as files timm and peft load (<run>/model/); redone if the run resumes here.
+        exported = export_model(self.exp, self.report.folder, deltas, s.head_weight, s.head_bias, s.task, result)
+        log(INFO, "model exported to %s (LoRA rank %d, %.1f s)", self.report.folder / "model",
+            exported["adapter_rank"], exported["export_s"])
         s.task += 1
         s.round = 0
         if s.task < len(self.exp.tasks):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from common.grams import collect_grams, shrink
-from common.lora import LoRALayer, set_factors
+from common.lora import inject_lora, set_factors
 
 
 def _rand(*shape: int, seed: int) -> Tensor:
@@ -22,7 +22,8 @@ class Net(nn.Module):
         torch.manual_seed(0)
         self.lin = nn.Linear(6, 4)
         self.conv = nn.Conv2d(5, 3, 1)
-        self.lora = LoRALayer(nn.Conv2d(3, 2, 1), rank=2, name="lora")
+        self.lora = nn.Conv2d(3, 2, 1)
+        inject_lora(self, r"lora", rank=2)  # a peft LoRA layer: the hooks see its input
         set_factors(self, "A", {"lora": _rand(2, 3, seed=9)})
         set_factors(self, "B", {"lora": _rand(2, 2, seed=10)})
 

@@ -1,4 +1,4 @@
-"""LoRA layers, factor handling and the FCIL model, checked against explicit W0 + delta + B A references."""
+"""LoRA through peft, factor handling and the FCIL model, checked against explicit W0 + delta + B A references."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from peft.tuners.lora import LoraLayer
+
 from common.lora import (
-    LoRALayer,
+    factor_matrix,
+    factor_param,
     get_factors,
     init_adapter,
     inject_lora,
@@ -54,8 +57,8 @@ def _ref_conv(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
 
 def _random_factors(m: nn.Module, seed: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    A = {n: torch.randn(l.A.shape, generator=g, dtype=F64) for n, l in lora_layers(m).items()}
-    B = {n: torch.randn(l.B.shape, generator=g, dtype=F64) for n, l in lora_layers(m).items()}
+    A = {n: torch.randn(factor_matrix(l, "A").shape, generator=g, dtype=F64) for n, l in lora_layers(m).items()}
+    B = {n: torch.randn(factor_matrix(l, "B").shape, generator=g, dtype=F64) for n, l in lora_layers(m).items()}
     return A, B
 
 
@@ -73,7 +76,10 @@ def test_fresh_adapter_reproduces_base_exactly(adapted):
     x_tok, x_img = _inputs()
     for got, want in zip(_run(model, x_tok, x_img), _run(plain, x_tok, x_img)):
         assert torch.equal(got, want)
-    assert all(torch.count_nonzero(l.B) == 0 and torch.count_nonzero(l.A) > 0 for l in lora_layers(model).values())
+    layers = lora_layers(model).values()
+    assert all(isinstance(l, LoraLayer) and l.scaling == {"default": 1.0} for l in layers)  # peft's, lora_alpha = r
+    assert all(torch.count_nonzero(factor_param(l, "B")) == 0 and torch.count_nonzero(factor_param(l, "A")) > 0
+               for l in layers)
 
 
 def test_adapted_output_matches_w0_plus_ba(adapted):
@@ -108,6 +114,23 @@ def test_delta_and_scale(adapted):
     assert torch.equal(model.lin(x_tok), plain.lin(x_tok))
 
 
+def test_deltas_give_back_the_very_w0(adapted):
+    """set_deltas swaps W0 + delta into peft's base layer and puts the same W0 tensor back: bit for bit, the same
+    object, never part of the state dict (peft's merge/unmerge would add and subtract in place, see lora.py)."""
+    _, model = adapted
+    weights = {n: l.get_base_layer().weight for n, l in lora_layers(model).items()}
+    saved = {n: w.detach().clone() for n, w in weights.items()}
+    keys = list(model.state_dict())
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        set_deltas(model, {n: torch.randn(s, generator=g, dtype=F64) for n, s in layer_shapes(model).items()})
+        assert list(model.state_dict()) == keys
+        assert all(l.get_base_layer().weight is not weights[n] for n, l in lora_layers(model).items())
+    set_deltas(model, None)
+    for name, layer in lora_layers(model).items():
+        assert layer.get_base_layer().weight is weights[name] and torch.equal(weights[name], saved[name])
+
+
 def test_deltas_must_match_layers(adapted):
     _, model = adapted
     deltas = {n: torch.zeros(s, dtype=F64) for n, s in layer_shapes(model).items()}
@@ -125,7 +148,8 @@ def test_set_trainable_only_that_factor_moves(adapted):
     for which in ("A", "B"):
         set_trainable(model, which)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        expected = {f"{layer}.{which}" for layer in lora_layers(model)} | {"spatial.weight", "spatial.bias"}
+        expected = {f"{layer}.lora_{which}.default.weight" for layer in lora_layers(model)}
+        expected |= {"spatial.weight", "spatial.bias"}
         assert trainable == expected  # modules outside LoRA layers (here "spatial") are left alone
         before = {k: v.clone() for k, v in model.state_dict().items()}
         x_tok, x_img = _inputs()
@@ -133,9 +157,9 @@ def test_set_trainable_only_that_factor_moves(adapted):
         loss.backward()
         with torch.no_grad():
             for layer in lora_layers(model).values():
-                getattr(layer, which).sub_(0.1 * getattr(layer, which).grad)
+                factor_param(layer, which).sub_(0.1 * factor_param(layer, which).grad)
         changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-        assert changed == {f"{layer}.{which}" for layer in lora_layers(model)}
+        assert changed == {f"{layer}.lora_{which}.default.weight" for layer in lora_layers(model)}
         model.zero_grad(set_to_none=True)
 
 
@@ -149,7 +173,7 @@ def test_factor_round_trip(adapted):
     for name in A:
         assert torch.equal(got_A[name], A[name]) and torch.equal(got_B[name], B[name])
     got_A["lin"].zero_()  # a copy, not a view of the parameter
-    assert torch.count_nonzero(lora_layers(model)["lin"].A) > 0
+    assert torch.count_nonzero(factor_param(lora_layers(model)["lin"], "A")) > 0
 
 
 def test_set_factors_errors_name_the_layer(adapted):
@@ -177,9 +201,13 @@ def test_inject_errors():
     model = Tiny()
     inject_lora(model, r"lin", rank=2)
     with pytest.raises(ValueError, match="already adapted"):
-        inject_lora(model, r"lin(\.base)?", rank=2)
+        inject_lora(model, r"lin(\.base_layer)?", rank=2)
+    strided = nn.Module()
+    strided.strided = nn.Conv2d(3, 3, 1, stride=2)
     with pytest.raises(ValueError, match="'strided'.*not a 1x1"):
-        LoRALayer(nn.Conv2d(3, 3, 1, stride=2), rank=1, name="strided")
+        inject_lora(strided, r"strided", rank=1)
+    with pytest.raises(ValueError, match="'lin'.*exceeds its width"):
+        inject_lora(Tiny(), r"lin", rank=6)
 
 
 def test_init_adapter_seeded():
@@ -228,11 +256,11 @@ def test_efficientnet_model_and_eval_mode():
         n for n, m in plain.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
     ]
     assert model.adapted_layers == [f"backbone.{n}" for n in one_by_one]
-    assert all(l.base.kernel_size == (1, 1) for l in lora_layers(model).values())
+    assert all(l.get_base_layer().kernel_size == (1, 1) for l in lora_layers(model).values())
     model.train()
     assert model.training and model.head.training
     assert not any(m.training for m in model.backbone.modules())
-    assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if not n.endswith((".A", ".B")))
+    assert not any(p.requires_grad for n, p in model.backbone.named_parameters() if ".lora_" not in n)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     running = model.backbone.bn1.running_mean.clone()
     logits = model(x)
