@@ -29,7 +29,10 @@ def _kebab(name: str) -> str:
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
+    # allow_inf_nan=False: an infinite lr, beta or timeout is accepted by every range check and fails much later.
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
     @classmethod
     def parse(cls, values: Mapping[str, Any], *, source: str) -> "_Config":
@@ -95,7 +98,7 @@ class RunConfig(_Config):
     gram_dtype: Literal["float64", "float32", "float16"] = Field(
         "float32", description="transport dtype of the Gram statistics (float16 is sent divided by max|G|)"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="every random draw derives from it (numpy's generators need >= 0)")
     min_clients: int = Field(1, ge=1, description="a round fails when fewer clients reply")
     num_partitions: int = Field(
         0, ge=0,
@@ -163,7 +166,9 @@ class RunConfig(_Config):
 class NodeConfig(_Config):
     """One SuperNode's own settings (``--node-config``); simulation fills partition-id/num-partitions."""
 
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="ignore", frozen=True)
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     partition_id: int = Field(ge=0)
     num_partitions: int = Field(ge=1)

@@ -107,9 +107,9 @@ class PartitionBook:
             self.held[node] = claim
             if not claim.withheld:
                 taken[claim.partition_id] = node
-        self.owner |= {pid: node for pid, node in taken.items()}
-        accepted = [node for node, _, _ in claims if node not in dict(refused)]
-        return accepted, refused
+        self.owner |= taken
+        refused_nodes = {node for node, _ in refused}
+        return [node for node, _, _ in claims if node not in refused_nodes], refused
 
     def _wrong(self, claim: Partition, count: int, tasks: tuple[int, ...]) -> str | None:
         if claim.num_partitions != self.num_partitions:

@@ -19,7 +19,7 @@ from server.report import RunReport
 from server.schedule import Schedule
 from server.startup import check_nodes
 from server.state import ServerState
-from server.transport import Envelope
+from server.transport import CLIENT_ERROR, Envelope
 
 # fault(call index, node, kind) -> None, or an exception to raise in that client (or "absent": no reply at all);
 # call 0 is the start-up check (server/startup.py), then one call per round and task end.
@@ -47,7 +47,7 @@ class InProcessTransport:
                     raise failure
                 replies.append((node, work.respond(kind, {k: v.clone() for k, v in arrays.items()}, dict(config))))
             except Exception as err:
-                replies.append((node, f"client error: {err}"))
+                replies.append((node, f"{CLIENT_ERROR}: {err}"))
         return replies
 
 

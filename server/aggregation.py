@@ -77,7 +77,8 @@ class PlainAggregation:
         return Aggregate(terms, len(valid), dropped, sum(sizes) / max(len(sizes), 1), nbytes(arrays), partitions)
 
     def select(self, envelopes: Iterable[Envelope], order: RoundOrder, spec: ReplySpec) -> tuple[list[ClientReply], int]:
-        """The replies fit to merge, and how many were dropped (each with a log line naming node and reason).
+        """The replies fit to merge, and how many were dropped (each with a log line naming node, partition and
+        reason).
 
         envelopes: (node id, (arrays, config)) as the client sent them, or (node id, reason) when unusable.
         """
@@ -102,7 +103,8 @@ class PlainAggregation:
             log(WARNING, "dropping %s from task %d round %d: %s", self.partitions.describe(node), order.task,
                 order.round, reason)
         if len(valid) < self.min_clients:
-            why = "".join(f"; node {node}: {reason}" for node, reason in dropped[:5])  # e.g. round-timeout too short
+            # e.g. a round-timeout too short names itself
+            why = "".join(f"; {self.partitions.describe(node)}: {reason}" for node, reason in dropped[:5])
             raise RoundFailed(
                 f"task {order.task} round {order.round}: {len(valid)} valid replies, min-clients is {self.min_clients}"
                 f"{why}"

@@ -17,7 +17,7 @@ from common.identity import IdentityError
 from common.layout import CHECK
 from common.protocol import CHECK_REPLY_BYTES, NodeCheck, ProtocolError, check_order
 from server.schedule import Schedule
-from server.transport import Transport
+from server.transport import CLIENT_ERROR, Transport
 
 
 class NodeCheckFailed(RuntimeError):
@@ -30,7 +30,7 @@ def check_nodes(transport: Transport, schedule: Schedule) -> list[int]:
     problems, claims = [], []
     for node, content in transport.exchange(CHECK, *check_order(), CHECK_REPLY_BYTES):
         if isinstance(content, str):
-            if content.startswith("client error"):  # the node answered: its ClientApp refused to start
+            if content.startswith(CLIENT_ERROR):  # the node answered: its ClientApp refused to start
                 problems.append((node, content))
             else:
                 log(WARNING, "start-up check: node %d left out: %s", node, content)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 # A reply as the strategy sees it: (node id, (arrays, config)), or (node id, why it cannot be used).
 Envelope = tuple[int, "tuple[dict[str, Tensor], dict] | str"]
+CLIENT_ERROR = "client error"  # how the reason of a node whose ClientApp raised begins
 
 
 class RoundFailed(RuntimeError):
@@ -91,8 +92,8 @@ def too_large(size: int, limit: int) -> str:
 
 def _unwrap(msg: Message, limit: int) -> "tuple[dict[str, Tensor], dict] | str":
     if msg.has_error():
-        source = "SuperLink" if msg.metadata.src_node_id == SUPERLINK_NODE_ID else "client"
-        return f"{source} error: {msg.error.reason}"
+        source = "SuperLink error" if msg.metadata.src_node_id == SUPERLINK_NODE_ID else CLIENT_ERROR
+        return f"{source}: {msg.error.reason}"
     if "arrays" not in msg.content or "config" not in msg.content:
         return f"reply lacks arrays or config: {sorted(msg.content.keys())}"
     if (size := msg.content["arrays"].count_bytes()) > limit:  # refused before it is decoded

@@ -35,6 +35,12 @@ def test_a_device_this_machine_lacks_names_the_key(device):
     assert resolve_device("cpu") == "cpu" and resolve_device("auto") in ("cpu", "cuda")
 
 
+@pytest.mark.parametrize("key, value", [("seed", -1), ("lr", "inf"), ("beta", float("inf")), ("round-timeout", "inf")])
+def test_a_negative_seed_or_an_infinite_value_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"invalid run config: {key}: "):
+        RunConfig.parse({key: value}, source="run config")
+
+
 def test_min_clients_above_num_partitions_is_refused():
     with pytest.raises(ConfigError, match="min-clients 4 exceeds num-partitions 3"):
         RunConfig.parse({"min-clients": 4, "num-partitions": 3}, source="run config")
