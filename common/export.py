@@ -193,7 +193,11 @@ def timm_config(spec: BackboneSpec, network: nn.Module, class_names: list[str], 
     }
 
 
-_SOURCE_KEYS = ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture", "tag")
+# Where timm's own weights come from, and what describes them but not ours (their licence, their pooling at 224 px).
+_SOURCE_KEYS = (
+    "url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict", "architecture", "tag", "license",
+    "pool_size", "test_input_size", "test_crop_pct",
+)
 
 
 # ------------------------------------------------------------------------------------------------ the model folder
@@ -306,7 +310,9 @@ def write_model_folder(
         adapter = tmp / ADAPTER_DIR
         adapter.mkdir()
         save_adapter(adapter, spec, base, factors, rank)
-        (tmp / CLASSES_FILE).write_text(json.dumps({"classes": list(class_names), "tasks": tasks}, indent=1))
+        (tmp / CLASSES_FILE).write_text(
+            f'{{\n "classes": {json.dumps(list(class_names))},\n "tasks": {json.dumps(tasks)}\n}}\n'
+        )
         (tmp / CARD_FILE).write_text(card(info))
     return info
 

@@ -76,7 +76,8 @@ def model_card(exp: Experiment, run_folder: Path, task: int, results: dict, data
     args = "".join(f", {k}={v!r}" for k, v in spec.timm_args)
     timm_load = (
         f'timm.create_model("{spec.timm_name}", pretrained=True, num_classes={seen}{args},\n'
-        f'                  pretrained_cfg_overlay=dict(file="{run_name}/model/model.safetensors", num_classes={seen}))'
+        f'                          pretrained_cfg_overlay=dict(file="{run_name}/model/model.safetensors", '
+        f"num_classes={seen})).eval()"
     )
     settings = (
         f"strategy {r.strategy}, backbone {r.backbone} ({spec.timm_name} in timm), LoRA rank {r.rank}, "
@@ -121,10 +122,10 @@ Inputs: RGB images resized to {r.img_size} x {r.img_size}, {"the central " + for
 std {tuple(round(s, 4) for s in data["std"])} (in `config.json`).
 
 ```python
-import timm, torch
-model = timm.create_model("local-dir:{run_name}/model", pretrained=True).eval()
-# or, by architecture name:
+import timm
 model = {timm_load}
+# or, with a recent timm (1.0.31 tested), from the folder alone:
+model = timm.create_model("local-dir:{run_name}/model", pretrained=True).eval()
 ```
 
 ```python
