@@ -227,10 +227,13 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """Yields an empty temporary folder beside ``target``; on a clean exit its files are fsynced and it replaces
     ``target`` in one step (readers see the old folder or the new one, never a mix), on an exception it is removed
     and ``target`` stays as it was. Where the kernel cannot swap two folders, the old one is renamed away first
-    (a moment with no folder, never a half-written one)."""
+    (a moment with no folder, never a half-written one). Temporary folders a dead writer left are removed: one
+    process at a time writes a run folder (server/report.py: RunReport.locked)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*target.parent.glob(f".{target.name}.*.tmp"), *target.parent.glob(f".{target.name}.*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a writer that died (the run folder has one writer)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
         umask = os.umask(0)

@@ -76,6 +76,7 @@ def test_the_folder_is_replaced_in_one_step_or_not_at_all(tmp_path):
             (tmp / "a").write_text("half")
             raise RuntimeError("boom")
     assert (target / "a").read_text() == "1"
+    (tmp_path / ".model.1.tmp").mkdir()  # left by a writer that died
     with atomic_folder(target) as tmp:
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
