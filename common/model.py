@@ -13,13 +13,28 @@ HEAD_INITS = ("trunc-normal", "zeros")
 HEAD = "head"  # the head's name: a module of FCILModel, and the key of its Gram among the layers'
 
 
+def initial_head(num_features: int, num_classes: int, head_init: str = "trunc-normal", seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The head every client and the server start from: (weight (num_classes, num_features), bias (num_classes,)).
+
+    "trunc-normal" is timm's classifier init (weight ~ truncated normal, std 0.02, bias 0), drawn from its own
+    generator seeded by ``seed`` so that every process draws the same head and the global random state is left
+    alone; "zeros" starts at zero, where B gets no gradient on the first steps of a task. The server takes the
+    head from here, not from a live model: in one process a model another run has trained is no starting point.
+    """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    weight = torch.zeros(num_classes, num_features)
+    if head_init != "zeros":
+        nn.init.trunc_normal_(weight, std=0.02, generator=torch.Generator().manual_seed(seed))
+    return weight, torch.zeros(num_classes)
+
+
 class FCILModel(nn.Module):
     """logits = head(backbone(x)); backbone: images -> (N, num_features), head: nn.Linear(num_features, classes).
 
-    The head starts as timm's classifiers do (``head_init`` "trunc-normal": weight ~ truncated normal with std 0.02,
-    bias 0), drawn from its own generator seeded by ``seed`` so that every client and the server build the same
-    head and the global random state is left alone; or at zero ("zeros"), where B gets no gradient on the first
-    steps of a task.
+    The head starts as ``initial_head(num_features, num_classes, head_init, seed)``.
 
     The backbone always stays in eval mode, whatever ``train()`` is called with: W0 is frozen and so must be
     everything else about it. BatchNorm in train mode would normalise with batch statistics (and update its
@@ -32,18 +47,13 @@ class FCILModel(nn.Module):
         self, backbone: nn.Module, num_features: int, num_classes: int, head_init: str = "trunc-normal", seed: int = 0
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if head_init not in HEAD_INITS:
-            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        weight, bias = initial_head(num_features, num_classes, head_init, seed)
         self.backbone = backbone
         # skip_init: nn.Linear's own init would draw from the global RNG.
         self.head = skip_init(nn.Linear, num_features, num_classes)
-        nn.init.zeros_(self.head.bias)
-        if head_init == "zeros":
-            nn.init.zeros_(self.head.weight)
-        else:
-            nn.init.trunc_normal_(self.head.weight, std=0.02, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
         self.train(self.training)
 
     @property

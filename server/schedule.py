@@ -61,11 +61,8 @@ class Schedule:
             log(INFO, "resuming from %s at task %d round %d", self.checkpoint, state.task, state.round)
             return state
         A, B = self._fresh_adapter(0)
-        head = self.exp.model.head  # its initial weights: every client built the same (common/model.py)
-        return ServerState(
-            task=0, round=0, A=A, B=B, sums=TaskSums(),
-            head_weight=head.weight.detach().to("cpu", copy=True), head_bias=head.bias.detach().to("cpu", copy=True),
-        )
+        weight, bias = self.exp.initial_head()  # not the live model's: in one process another run may train it
+        return ServerState(task=0, round=0, A=A, B=B, sums=TaskSums(), head_weight=weight, head_bias=bias)
 
     @property
     def finished(self) -> bool:
