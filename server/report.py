@@ -12,6 +12,8 @@
         acc_matrix.png    heatmap of the matrix
         faa.png           average accuracy over the tasks seen, after each task
         state.pt          the server checkpoint (see server/state.py)
+        model/            the merged model after the last finished task, for timm and peft, with its card
+                          (common/export.py, server/export.py)
         .lock             held by the ServerApp running the folder's run (RunReport.locked)
 """
 

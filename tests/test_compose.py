@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
@@ -263,10 +264,15 @@ def test_dockerfile():
     assert len(pins) == 2 and all(f'"{pin}"' in text for pin in pins), pins  # same torch as scripts/setup.sh
     assert re.search(r"pip install .*-e \.", text)
     assert 'ENTRYPOINT ["flower-superexec"]' in text
+    copied = set()
     for src in re.findall(r"^COPY (?:--chown=\S+ )?(.+) \S+$", text, flags=re.M):
         for path in src.split():
             assert (ROOT / path).exists(), path
             assert f"!{path}" in (HERE / "Dockerfile.dockerignore").read_text()  # not excluded from the context
+            copied.add(path.rstrip("/"))
+    # `pip install -e .` fails on a declared package whose folder the image lacks
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    assert set(packages) <= copied, set(packages) - copied
 
 
 def _has_compose():
