@@ -26,9 +26,12 @@ def _rounds(folder):
 
 def test_a_killed_supernode_is_dropped_and_the_run_completes(tmp_path):
     out = tmp_path / "out"
+    # round-timeout well above a healthy round: every message starts a fresh ClientApp process that imports torch
+    # and timm, and on a busy 2-core machine one of three such rounds took over 60 s (a CI failure). The killed
+    # node costs no timeout: the SuperLink answers for it once its heartbeats stop (about 60 s in Flower 1.42).
     overrides = (
         "backbone='efficientnet_lite0' img-size=32 classes-per-task=5 num-tasks=1 rounds-per-task=3 local-epochs=1 "
-        f"max-train-per-class=20 max-test-per-class=10 rank=4 min-clients=2 round-timeout=60 output-dir='{out}' "
+        f"max-train-per-class=20 max-test-per-class=10 rank=4 min-clients=2 round-timeout=300 output-dir='{out}' "
         "run-name='kill'"
     )
     log = io.StringIO()
@@ -53,7 +56,7 @@ def test_a_killed_supernode_is_dropped_and_the_run_completes(tmp_path):
     text = log.getvalue()
     assert status.startswith("finished:completed"), text[-4000:]
     rounds = _rounds(out / "kill")
-    assert rounds[0]["clients"] == "3"
+    assert rounds[0]["clients"] == "3", (rounds, text[-4000:])
     assert [r["clients"] for r in rounds[1:]] == ["2", "2"], rounds
     assert "dropping node" in text and "task 0 round 1" in text, text[-4000:]
     assert json.loads((out / "kill" / "metrics.json").read_text())["acc_matrix"][0][0] > 20.0  # chance: 20%
