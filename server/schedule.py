@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from logging import INFO
 
 import torch
@@ -45,6 +46,8 @@ class Schedule:
         self.merge_device = merge_device
         self.checkpoint = report.folder / "state.pt"
         self.state = self._initial_state()
+        # Called at each task end with (task, the backbone delta evaluated): benches that study the merged model.
+        self.task_end_observers: list[Callable[[int, dict[str, Tensor]], None]] = []
         # Who holds which partition; the run's num-partitions as set, or as learnt before a restart.
         self.partitions = PartitionBook(
             exp.stream, self.config.beta, self.config.seed, self.config.num_partitions or self.state.num_partitions
@@ -158,6 +161,8 @@ class Schedule:
         cross = method.end_task((s.A, s.B), CrossTask(s.past, s.sums), grams)
         s.past, s.sums = cross.past, cross.sums
         deltas = method.eval_deltas(cross, list(self.exp.shapes), self.config.ridge)
+        for observe in self.task_end_observers:
+            observe(s.task, deltas)
         row, aware = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
         s.acc.append(row)
         s.task_aware.append(aware)
