@@ -25,8 +25,7 @@ from flwr.compat.common import recorddict_compat as compat
 from client.local import LocalWork
 from common.config import RunConfig
 from common.layout import CHECK, TRAIN
-from common.lorm_manifest_pb2 import Manifest
-from common.protocol import MANIFEST_KEY
+from common.protocol import MANIFEST_KEY, PACKED_KEY
 from common.secagg import EXCHANGE, EXPONENTS, KIND, PHASE, PROBE, SUM, SecAggError, encode, probe, wire_terms
 
 _TERMS, _META = "lorm.secagg.terms", "lorm.secagg.exchange"
@@ -88,10 +87,9 @@ def _contribution(context: Context, kind: str, parameters, manifest: bytes) -> d
     """This node's work for the order, as the method's terms in their wire shapes."""
     started = time.perf_counter()
     work = LocalWork.from_context(context)
-    m = Manifest()
-    m.ParseFromString(manifest)
-    keys = sorted(s.key for s in m.tensors)
-    arrays = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, parameters_to_ndarrays(parameters), strict=True)}
+    # The order's wire form (common/protocol.py) is its one packed array, sent as the FitIns' only tensor.
+    packed = [torch.from_numpy(a.copy()) for a in parameters_to_ndarrays(parameters)]
+    arrays = dict(zip([PACKED_KEY], packed, strict=True))
     order, spec, reply = work.answer(kind, arrays, {MANIFEST_KEY: manifest})
     terms = wire_terms(work.run.method.terms(order, reply), spec.terms)
     log(INFO, "node %d (partition %d/%d, secagg): %s in %.1f s", context.node_id, work.node.partition_id,

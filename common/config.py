@@ -106,6 +106,9 @@ class RunConfig(_Config):
         "at the start-up check, then required of every node",
     )
     round_timeout: float = Field(900.0, gt=0)
+    reply_poll: float = Field(
+        0.2, gt=0, description="seconds between the server's checks for replies (Flower's own loop waits 3 s)"
+    )
     output_dir: str = "outputs"
     run_name: str = Field(
         "", description="results folder name (letters, digits, '.', '_', '-'); empty = run-<flower run id>"

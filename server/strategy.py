@@ -24,7 +24,7 @@ from server.transport import FlowerTransport
 
 AGGREGATIONS: dict[str, Callable[[Grid, RunConfig, PartitionBook], Aggregation]] = {
     "plain": lambda grid, run, partitions: PlainAggregation(
-        FlowerTransport(grid, run.min_clients, run.round_timeout), run.min_clients, partitions
+        FlowerTransport(grid, run.min_clients, run.round_timeout, run.reply_poll), run.min_clients, partitions
     ),
     "secagg": lambda grid, run, partitions: SecureAggregation(SecAggPlusSum(grid, run), run),
 }
@@ -40,7 +40,7 @@ class FCILStrategy(Strategy):
     def start(self, grid: Grid, *args, **kwargs) -> ServerState:  # type: ignore[override]
         """Check the SuperNodes, then run (or resume) the whole schedule over Flower; returns the final state."""
         run = self.schedule.config
-        check_nodes(FlowerTransport(grid, run.min_clients, run.round_timeout), self.schedule)
+        check_nodes(FlowerTransport(grid, run.min_clients, run.round_timeout, run.reply_poll), self.schedule)
         return self.schedule.run(AGGREGATIONS[run.privacy](grid, run, self.schedule.partitions))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:

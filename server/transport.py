@@ -62,10 +62,14 @@ def wait_for_nodes(grid: Grid, min_clients: int, timeout: float) -> list[int]:
 
 
 class FlowerTransport:
-    """Orders as Flower Messages to every connected SuperNode; replies that time out are simply absent."""
+    """Orders as Flower Messages to every connected SuperNode; replies that time out are simply absent.
 
-    def __init__(self, grid: Grid, min_clients: int, timeout: float) -> None:
-        self.grid, self.min_clients, self.timeout = grid, min_clients, timeout
+    Replies are collected as Flower's ``Grid.send_and_receive`` does (push, then pull the ids not yet answered
+    until none is left or the timeout passes), but pulled every ``poll`` seconds instead of its fixed 3 s: in a
+    deployment that wait is most of a short round."""
+
+    def __init__(self, grid: Grid, min_clients: int, timeout: float, poll: float) -> None:
+        self.grid, self.min_clients, self.timeout, self.poll = grid, min_clients, timeout, poll
 
     def exchange(self, kind: str, arrays: dict[str, Tensor], config: dict, max_reply_bytes: int) -> list[Envelope]:
         record, conf = ArrayRecord(torch_state_dict=arrays), ConfigRecord(config)
@@ -73,7 +77,7 @@ class FlowerTransport:
             Message(RecordDict({"arrays": record, "config": conf}), dst_node_id=node, message_type=kind)
             for node in wait_for_nodes(self.grid, self.min_clients, self.timeout)
         ]
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        replies = self._send_and_receive(messages)
         # Replies are matched to orders by message id, not by their source: the error reply the SuperLink writes
         # for a node that stopped sending heartbeats comes from the SuperLink's own node id.
         asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -84,6 +88,19 @@ class FlowerTransport:
              else f"no reply within round-timeout {self.timeout:g} s (node gone or too slow)")
             for node in (m.metadata.dst_node_id for m in messages)
         ]
+
+    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+        # A message the SuperLink refused has the id None (Grid.push_messages logs it): it will have no reply.
+        waiting = {i for i in self.grid.push_messages(messages) if i is not None}
+        end = time.time() + self.timeout
+        replies: list[Message] = []
+        while waiting and time.time() < end:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {r.metadata.reply_to_message_id for r in pulled}
+            if waiting:
+                time.sleep(self.poll)
+        return replies
 
 
 def too_large(size: int, limit: int) -> str:

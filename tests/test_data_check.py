@@ -59,7 +59,7 @@ def test_a_truncated_jpeg_in_a_nodes_partition_fails_the_start_up_check_naming_n
     schedule = Schedule(build_experiment(run, run.data_dir, "cpu", ""), RunReport(tmp_path / "out"), "t", "cpu")
     grid = DirectGrid(app, run.model_dump(by_alias=True), K)  # nodes 100 (partition 0) and 101 (partition 1)
     with server_identity(), pytest.raises(NodeCheckFailed) as err:
-        check_nodes(FlowerTransport(grid, 1, 60.0), schedule)
+        check_nodes(FlowerTransport(grid, 1, 60.0, 0.2), schedule)
     message = str(err.value)
     assert message.startswith("start-up check failed, no round has run: node 101 (partition unknown): client error")
     assert "1 of the " in message and f"image files of partition 1/2 cannot be decoded: {bad} (OSError" in message

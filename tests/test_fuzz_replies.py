@@ -1,6 +1,8 @@
 """Fuzz: malformed replies mixed among valid ones never change the merge; each is dropped with a log line.
 
-Valid replies come from nodes 0..3, each proving its own partition of K = 4; malformed ones from nodes 100+."""
+Valid replies come from nodes 0..3, each proving its own partition of K = 4; malformed ones from nodes 100+.
+Mutations edit a reply's named tensors and manifest; ``_wire`` then packs them as a client would (schema 3), so
+a tensor that changed size or that no manifest entry declares shows up in the packed layout."""
 
 import itertools
 import random
@@ -12,11 +14,11 @@ from common.config import RunConfig
 from common.experiment import build_experiment
 from common.identity import Partition, PartitionBook, partition_samples
 from common.model import HEAD
-from common.lorm_manifest_pb2 import DENSE_PACKED, ROUND_ORDER, Manifest
+from common.lorm_manifest_pb2 import DENSE_PACKED, ROUND_ORDER, ROUND_REPLY, Manifest
 from common.merges import project_gram
 from common.layout import TRAIN
 from common.methods.base import sum_terms
-from common.protocol import MANIFEST_KEY, ClientReply, RoundOrder
+from common.protocol import MANIFEST_KEY, PACKED_KEY, ClientReply, RoundOrder, pack_arrays, read_message
 from server.aggregation import PlainAggregation
 from server.report import RunReport
 from server.schedule import Schedule
@@ -82,6 +84,30 @@ def valid_reply(exp, s, gen, partition: int = 0, num_partitions: int = K) -> tup
         train_loss=1.0, projected=frozenset(exp.shapes), partition=Partition(partition, num_partitions, fingerprint),
     )
     return reply.to_wire(torch.float32)
+
+
+def _named(arrays, config):
+    """A valid reply's tensors by name, for a mutation to edit."""
+    return read_message(arrays, config, ROUND_REPLY)[1], dict(config)
+
+
+def _wire(arrays, config):
+    """Named tensors packed back to back; every tensor the manifest declares gets the bytes it landed on (bytes
+    of undeclared ones belong to no entry). A manifest that does not parse goes as it is."""
+    packed, spans = pack_arrays(arrays)
+    try:
+        m = Manifest.FromString(config[MANIFEST_KEY])
+    except Exception:
+        return {PACKED_KEY: packed}, config
+    where = {span.key: span for span in spans}
+    for spec in m.tensors:
+        if spec.key in where:
+            spec.offset, spec.length = where[spec.key].offset, where[spec.key].length
+    return {PACKED_KEY: packed}, {MANIFEST_KEY: m.SerializeToString()}
+
+
+def _mutated(name, reply, gen):
+    return _wire(*MUTATIONS[name](*_named(*reply), gen))
 
 
 def _edit_manifest(config, edit):
@@ -261,8 +287,7 @@ def test_every_malformed_reply_is_dropped_and_the_merge_equals_the_valid_ones(ex
         valid = [valid_reply(exp, s, gen, i) for i in range(rng.randint(1, K))]
         envelopes = [(i, (dict(a), dict(c))) for i, (a, c) in enumerate(valid)]
         for j, name in enumerate(order[trial * per_trial : (trial + 1) * per_trial]):
-            arrays, config = valid_reply(exp, s, gen, rng.randrange(K))
-            envelopes.append((100 + j, MUTATIONS[name](dict(arrays), dict(config), gen)))
+            envelopes.append((100 + j, _mutated(name, valid_reply(exp, s, gen, rng.randrange(K)), gen)))
             tried[name] += 1
         envelopes.append((999, "client error: the node vanished"))
         rng.shuffle(envelopes)
@@ -284,10 +309,10 @@ def test_each_mutation_alone_is_refused_with_its_reason(exp, tmp_path, caplog):
     gen = torch.Generator().manual_seed(1)
     s = strategy(exp, tmp_path)
     good = valid_reply(exp, s, gen, 0)
-    for name, mutate in MUTATIONS.items():
-        arrays, config = valid_reply(exp, s, gen, 1)
+    for name in MUTATIONS:
+        mutated = _mutated(name, valid_reply(exp, s, gen, 1), gen)
         caplog.clear()
-        accepted, dropped = select(exp, s, [(1, good), (2, mutate(dict(arrays), dict(config), gen))])
+        accepted, dropped = select(exp, s, [(1, good), (2, mutated)])
         assert (len(accepted), dropped) == (1, 1), name
         assert "dropping node 2 (partition unknown)" in caplog.text, name
         assert REASONS.get(name, "") in caplog.text, (name, caplog.text)
