@@ -27,6 +27,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.warm_exec import POLL_ENV
 from deploy.hosts import Host, Hosts, loopback
 from deploy.netns import namespaces
 from deploy.processes import BIN, OFFLINE, ROOT, Processes, flwr_run, free_port, run_status, wait_for_port
@@ -79,8 +80,15 @@ class Deployment:
         tls = ["--root-certificates", str(self.certs / "ca.crt")] if self.certs else ["--insecure"]
         auth = ["--auth-supernode-private-key", str(key)] if key else []
         cmd = [str(BIN / "flower-supernode"), *tls, *auth, "--superlink", self.address, "--host", "127.0.0.1",
-               "--port", str(port), "--node-config", node_config, *extra]
-        return self.procs.start(name, cmd, self.base_env | {"FLWR_HOME": str(home)}, host.prefix)
+               "--port", str(port), "--node-config", node_config, "--isolation", "process", *extra]
+        env = self.base_env | {"FLWR_HOME": str(home)}
+        node = self.procs.start(name, cmd, env, host.prefix)
+        # The node's SuperExec, warm: its ClientApp runs in one long-lived process (cli/warm_exec.py), not a
+        # fresh one per message. It leaves with the node (--parent-pid).
+        self.procs.start(f"{name}-exec", [sys.executable, "-m", "cli.warm_exec", "--insecure",
+                                          "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(node.pid)],
+                         env | {"PYTHONPATH": str(ROOT)}, host.prefix)
+        return node
 
     def nodes_online(self) -> int:
         out = self.flwr("supernode", "ls", self.connection, "--format", "json")
@@ -125,7 +133,9 @@ def local_deployment(workdir: Path, k: int, *, tls: Path | None = None, auth: bo
         raise ValueError(f"{len(hosts.nodes)} SuperNode hosts for {k} SuperNodes")
     workdir, tls = workdir.resolve(), tls.resolve() if tls else None
     _fresh(workdir)
-    base_env = os.environ | OFFLINE | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # FLWR_SUPEREXEC_TASK_POLL_INTERVAL: the SuperLink's own SuperExec asks for a run's ServerApp every 0.1 s, not 1 s
+    base_env = os.environ | OFFLINE | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                                       POLL_ENV: os.environ.get(POLL_ENV, "0.1")}
     procs = Processes(workdir)
     try:
         link = hosts.link

@@ -97,9 +97,14 @@ def flags(service):
     return {arg.split("=")[0] for arg in service.get("command", []) if arg.startswith("--")}
 
 
+WARM_EXEC = ["python", "-m", "cli.warm_exec"]  # flower-superexec with another executor: the same flags
+
+
 def binary(service):
     image = service["image"].split(":")[0]
-    return None if "entrypoint" in service else BINARIES[image]
+    if "entrypoint" in service:
+        return "flower-superexec" if service["entrypoint"] == WARM_EXEC else None
+    return BINARIES[image]
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +162,7 @@ def test_single_host():
     assert opt(s["superexec-serverapp"], "--runtime-api-address") == "superlink:8000"
     for i in (1, 2, 3):
         node, app = s[f"supernode-{i}"], s[f"superexec-clientapp-{i}"]
+        assert app["entrypoint"] == WARM_EXEC
         assert opt(node, "--superlink") == "superlink:8000" and opt(node, "--isolation") == "process"
         assert opt(node, "--node-config") == f"partition-id={i - 1} num-partitions=3"
         assert opt(node, "--host") == "0.0.0.0"  # its SuperExec connects from another container
@@ -248,6 +254,7 @@ def test_multi_host(certs):
     assert Path(mounts["/app/certificates/supernode.key"]).name == "supernode-2"
     assert opt(client["superexec-clientapp"], "--runtime-api-address") == f"supernode:{opt(node, '--port')}"
     assert _has_gpu(client["superexec-clientapp"])
+    assert client["superexec-clientapp"]["entrypoint"] == WARM_EXEC
 
     with pytest.raises(MissingVariable, match="SUPERLINK_HOST"):
         load("compose.client.yml", env={k: v for k, v in env.items() if k != "SUPERLINK_HOST"})
