@@ -13,6 +13,8 @@ backbone delta it evaluates is kept. Three heads are then scored after each task
   tasks were taken through older backbones);
 - oracle: the same with every task's sums taken again through the backbone after t. It needs the old data, so no
   federated run can have it: the gap to "analytic" is what the drift costs.
+- w0: the analytic head on the pre-trained backbone alone (no LoRA delta, for its sums and its evaluation): no
+  drift by construction, and what the method's backbone training adds over a frozen backbone.
 Sums over the clients' partitions equal the sums over the union of their data (tests/test_analytic.py), so they
 are computed over that union. The head input is the backbone's features, or ``relu(features P)`` with a fixed
 seeded Gaussian P (RanPAC's random projection) when ``--rp-dim`` > 0.
@@ -46,7 +48,7 @@ from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
 from deploy.processes import ROOT
 from server.report import square
 
-HEADS = ("trained", "analytic", "oracle")
+HEADS = ("trained", "analytic", "oracle", "w0")
 
 
 def run_with_deltas(run: RunConfig, clients: int) -> tuple[Experiment, list[list[float]], list[list[float]], list[dict]]:
@@ -92,7 +94,7 @@ def analytic_matrices(exp: Experiment, deltas: list[dict], clients: int, ridges:
     p, num_classes = (rp_dim or d), exp.model.head.out_features
     test_labels = np.asarray(exp.stream.test_labels)
     federated = HeadSums.zeros(p, num_classes)
-    out = {(h, lam): ([], []) for h in HEADS[1:] for lam in ridges}
+    out = {(h, lam): ([], []) for h in ("analytic", "oracle") for lam in ridges}
     for t, delta in enumerate(deltas):
         tasks = exp.tasks[: t + 1]
         seen = exp.block(t)[1]
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 heads = {"trained": (acc, aware)}
                 heads |= {h: m for (h, lam), m in
                           analytic_matrices(exp, deltas, args.clients, [ridge], args.rp_dim).items()}
+                frozen = [{k: torch.zeros_like(v) for k, v in d.items()} for d in deltas]
+                heads["w0"] = analytic_matrices(exp, frozen, args.clients, [ridge], args.rp_dim)[("analytic", ridge)]
                 for head in HEADS:
                     row = {"strategy": strategy, "beta": beta, "seed": seed, "head": head,
                            "ridge": "" if head == "trained" else ridge, "rp_dim": args.rp_dim} | score(*heads[head])
