@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import shutil
 import signal
 import sys
@@ -29,6 +30,14 @@ JOB = (
     "backbone='efficientnet_lite0' img-size=32 classes-per-task=5 num-tasks=2 rounds-per-task=2 local-epochs=1 "
     "max-train-per-class=20 max-test-per-class=10 rank=4 round-timeout=300"
 )
+
+
+def merged(*configs: str) -> str:
+    """Run-config strings joined, a later key replacing an earlier one (`flwr run` refuses a repeated key)."""
+    pairs = {}
+    for text in configs:
+        pairs |= dict(re.findall(r"([\w-]+)=('[^']*'|\"[^\"]*\"|\S+)", text))
+    return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 
 def round_times(folder: Path) -> list[tuple[str, float]]:
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     out = workdir / "runs"
-    job = f"{JOB} min-clients={args.supernodes} output-dir='{out}' {args.run_config}".strip()
+    job = merged(f"{JOB} min-clients={args.supernodes} output-dir='{out}'", args.run_config)
     results = {}
     for mode, runner in (("simulated", simulated), ("deployed", deployed)):
         status, total = runner(workdir, args.supernodes, f"{job} run-name='{mode}'")

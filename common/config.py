@@ -94,7 +94,8 @@ class RunConfig(_Config):
     )
     amp: Literal["bf16", "off"] = Field("bf16", description="autocast of training and Gram forwards on CUDA only")
     ridge: float = Field(0.0, ge=0)
-    # No bfloat16: Flower 1.42's ArrayRecord goes through numpy, which has no such dtype.
+    # No bfloat16: its 8-bit significand loses more than float16 scaled by max|G| (common/protocol.py), and
+    # float16's range problem is what the scale already solves.
     gram_dtype: Literal["float64", "float32", "float16"] = Field(
         "float32", description="transport dtype of the Gram statistics (float16 is sent divided by max|G|)"
     )
