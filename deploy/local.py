@@ -79,15 +79,17 @@ class Deployment:
         port = 9094 if host.own_network else free_port()
         tls = ["--root-certificates", str(self.certs / "ca.crt")] if self.certs else ["--insecure"]
         auth = ["--auth-supernode-private-key", str(key)] if key else []
-        cmd = [str(BIN / "flower-supernode"), *tls, *auth, "--superlink", self.address, "--host", "127.0.0.1",
-               "--port", str(port), "--node-config", node_config, "--isolation", "process", *extra]
-        env = self.base_env | {"FLWR_HOME": str(home)}
+        # flower-supernode, polling the SuperLink every 0.2 s when idle instead of 3 s (cli/supernode.py)
+        cmd = [sys.executable, "-m", "cli.supernode", "--idle-poll", "0.2", *tls, *auth, "--superlink",
+               self.address, "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config,
+               "--isolation", "process", *extra]
+        env = self.base_env | {"FLWR_HOME": str(home), "PYTHONPATH": str(ROOT)}
         node = self.procs.start(name, cmd, env, host.prefix)
         # The node's SuperExec, warm: its ClientApp runs in one long-lived process (cli/warm_exec.py), not a
         # fresh one per message. It leaves with the node (--parent-pid).
         self.procs.start(f"{name}-exec", [sys.executable, "-m", "cli.warm_exec", "--insecure",
                                           "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(node.pid)],
-                         env | {"PYTHONPATH": str(ROOT)}, host.prefix)
+                         env, host.prefix)
         return node
 
     def nodes_online(self) -> int:

@@ -1,6 +1,7 @@
-"""The warm ClientApp executor (cli/warm_exec.py): which tasks it keeps in process, that a failing ClientApp
-becomes an error reply and the executor goes on, and the flwr 1.42 names it is pinned to. The deployment tests
-(deploy/local.py starts every SuperNode with it) run it for real."""
+"""The warm ClientApp executor (cli/warm_exec.py) and the quick-polling SuperNode (cli/supernode.py): which tasks
+the executor keeps in process, that a failing ClientApp becomes an error reply and the executor goes on, and the
+flwr 1.42 names both are pinned to. The deployment tests (deploy/local.py starts every SuperNode with both) run
+them for real."""
 
 import inspect
 import threading
@@ -149,3 +150,30 @@ def test_only_the_subprocess_executor_is_replaced():
     assert isinstance(warm._executor(ExecutorType.SUBPROCESS), warm.WarmExecutor)
     with pytest.raises(ValueError, match="replaces the subprocess executor"):
         warm._executor(ExecutorType.KUBERNETES)
+
+
+def test_the_supernode_wrapper_shortens_only_flowers_idle_wait(monkeypatch):
+    """cli/supernode.py replaces the one fixed 3 s wait of flwr 1.42's SuperNode loop; if Flower changes that
+    loop, read flwr/supernode/start_client_internal.py again."""
+    import time
+
+    import cli.supernode as node
+    from flwr.supernode import start_client_internal
+
+    source = inspect.getsource(start_client_internal)
+    assert "\nimport time\n" in source and source.count(f"time.sleep({node.FLOWER_IDLE_S})") == 1
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    clock = node._IdleClock(0.2)
+    clock.sleep(3)
+    clock.sleep(0.5)
+    assert slept == [0.2, 0.5] and clock.monotonic is time.monotonic
+
+
+@pytest.mark.parametrize("value", ["0", "4", "-1"])
+def test_the_supernode_wrapper_refuses_an_idle_poll_out_of_range(monkeypatch, value):
+    import cli.supernode as node
+
+    monkeypatch.setattr("sys.argv", ["cli.supernode", "--idle-poll", value, "--insecure"])
+    with pytest.raises(SystemExit):
+        node.main()
