@@ -5,15 +5,16 @@
 It takes every flag of ``flower-superexec`` (it is ``flower-superexec`` with another executor) and runs as that
 node's only SuperExec. The stock one starts a fresh ``flwr-clientapp`` process for every message, which imports
 torch, timm and peft and rebuilds the experiment each time: 20-60 s per message on a small machine against a few
-seconds of work. Here the tasks of one app bundle (FAB) run one after another on a worker thread of this process
-through the same steps as ``flwr-clientapp`` (flwr/supernode/runtime/run_clientapp.py), so imports and the app's
-in-process caches (common/experiment.py:build_experiment) live across messages, as they do in simulation.
+seconds of work. Here the tasks of one app bundle (FAB) run in this process through the same steps as
+``flwr-clientapp`` (flwr/supernode/runtime/run_clientapp.py), so imports and the app's in-process caches
+(common/experiment.py:build_experiment) live across messages, as they do in simulation.
 
+- Each task runs on a thread of its own; their ClientApp calls take turns (a lock), their transfers do not, so
+  a task stuck on a dead connection holds up no other.
 - One FAB hash is served in process: the first ClientApp task's. A task of any other FAB (another app, or a new
   version of this one, whose modules would clash with the loaded ones) and a task that asks for runtime dependency
   installation start a ``flwr-clientapp`` process, the stock way.
-- A ClientApp that raises sends an error reply to the server (as ``flwr-clientapp`` does) and the worker goes on
-  with the next task.
+- A ClientApp that raises sends an error reply to the server (as ``flwr-clientapp`` does); the process goes on.
 - Heartbeats, the task token, the Runtime API's TLS and ``--superexec-auth-secret-file`` are Flower's own code
   paths (the AcquireTask loop is ``flower-superexec``'s).
 
@@ -25,7 +26,6 @@ if a name it uses changes).
 from __future__ import annotations
 
 import os
-import queue
 import threading
 from logging import ERROR, INFO
 from pathlib import Path
@@ -75,7 +75,8 @@ def run_task(spec: ExecutionSpec) -> None:
         app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
             run.fab_id, run.fab_version, fab.hash_str
         )
-        reply = app(message=message, context=context)
+        with _APP_LOCK:  # one ClientApp at a time: they share the process's model and data
+            reply = app(message=message, context=context)
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # the same error reply flwr-clientapp sends; this process goes on
         code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"
@@ -98,6 +99,7 @@ def run_task(spec: ExecutionSpec) -> None:
 
 
 _INSTALLED: set[str] = set()
+_APP_LOCK = threading.Lock()
 
 
 def _install(fab_hash: str, content: bytes) -> None:
@@ -109,13 +111,12 @@ def _install(fab_hash: str, content: bytes) -> None:
 
 
 class WarmExecutor(SubprocessExecutor):
-    """ClientApp tasks of one FAB on a worker thread of this process, one at a time; the rest as subprocesses."""
+    """ClientApp tasks of one FAB in this process, each on a thread of its own (a task whose transfer hangs, e.g.
+    on a SuperLink that died mid-message, must not hold up the next; the ClientApp calls themselves take turns);
+    the rest as subprocesses."""
 
     def __init__(self) -> None:
         self.fab_hash: str | None = None
-        self._tasks: queue.Queue[ExecutionSpec | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name="warm-clientapp", daemon=True)
-        self._worker.start()
 
     def warm(self, spec: ExecutionSpec) -> bool:
         """Whether ``spec`` runs in this process (and, for the first ClientApp task, fixes the FAB served)."""
@@ -129,18 +130,15 @@ class WarmExecutor(SubprocessExecutor):
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         if not self.warm(spec):
             return super().launch(spec)
-        self._tasks.put(spec)
+        threading.Thread(target=_run_logged, args=(spec,), name=f"clientapp-{spec.task_id}", daemon=True).start()
         return LaunchResult.accepted()
 
-    def _work(self) -> None:
-        while (spec := self._tasks.get()) is not None:
-            try:
-                run_task(spec)
-            except Exception as ex:  # e.g. the Runtime API went away; the next task starts clean
-                log(ERROR, "warm ClientApp task %d failed outside the ClientApp", spec.task_id, exc_info=ex)
 
-    def close(self) -> None:
-        self._tasks.put(None)
+def _run_logged(spec: ExecutionSpec) -> None:
+    try:
+        run_task(spec)
+    except Exception as ex:  # e.g. the Runtime API went away; other tasks are not affected
+        log(ERROR, "warm ClientApp task %d failed outside the ClientApp", spec.task_id, exc_info=ex)
 
 
 def _executor(executor_type: ExecutorType, **_: object) -> WarmExecutor:
