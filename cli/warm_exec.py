@@ -105,9 +105,10 @@ _APP_LOCK = threading.Lock()
 def _install(fab_hash: str, content: bytes) -> None:
     """Unpack the FAB where Flower loads apps from, once per process (rewriting the files of loaded modules is
     pointless, and a FAB's hash fixes its content)."""
-    if fab_hash not in _INSTALLED:
-        install_from_fab(content, skip_prompt=True)
-        _INSTALLED.add(fab_hash)
+    with _APP_LOCK:  # two first tasks in flight must not unpack into the same folder at once
+        if fab_hash not in _INSTALLED:
+            install_from_fab(content, skip_prompt=True)
+            _INSTALLED.add(fab_hash)
 
 
 class WarmExecutor(SubprocessExecutor):
