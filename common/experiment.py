@@ -9,7 +9,6 @@ from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from common.backbones import BACKBONES
@@ -20,7 +19,7 @@ from common.data.cache import load_or_build
 from common.data.splits import holdout_validation
 from common.layout import Dims
 from common.lora import layer_shapes
-from common.model import HEAD, FCILModel, build_model, initial_head
+from common.model import HEAD, FCILModel, build_model
 
 
 HEAD_SEED = 7  # a stream of its own for the head's initial weights (tasks use stable_seed(seed, task))
@@ -62,11 +61,6 @@ class Experiment:
     def test_samples(self) -> list[int]:
         """Test images of each task (of the evaluation split: the hold-out when validation-fraction > 0)."""
         return [int(np.isin(self.stream.test_labels, classes).sum()) for classes in self.tasks]
-
-    def initial_head(self) -> tuple[Tensor, Tensor]:
-        """The head the run starts from, as every client's model was built: (weight (classes, features), bias)."""
-        head = self.model.head
-        return initial_head(head.in_features, head.out_features, self.run.head_init, stable_seed(self.run.seed, HEAD_SEED))
 
     def block(self, task: int) -> tuple[int, int]:
         """(lo, hi): the task's classes are the contiguous global ids lo..hi-1."""

@@ -49,12 +49,17 @@ class FCILModel(nn.Module):
         super().__init__()
         weight, bias = initial_head(num_features, num_classes, head_init, seed)
         self.backbone = backbone
+        self._head_init = (head_init, seed)
         # skip_init: nn.Linear's own init would draw from the global RNG.
         self.head = skip_init(nn.Linear, num_features, num_classes)
         with torch.no_grad():
             self.head.weight.copy_(weight)
             self.head.bias.copy_(bias)
         self.train(self.training)
+
+    def initial_head(self) -> tuple[Tensor, Tensor]:
+        """The head this model was built with, drawn again (never its live weights, which training moves)."""
+        return initial_head(self.head.in_features, self.head.out_features, *self._head_init)
 
     @property
     def adapted_layers(self) -> list[str]:

@@ -64,7 +64,8 @@ class Schedule:
             log(INFO, "resuming from %s at task %d round %d", self.checkpoint, state.task, state.round)
             return state
         A, B = self._fresh_adapter(0)
-        weight, bias = self.exp.initial_head()  # not the live model's: in one process another run may train it
+        # Drawn again as the model was built: in one process another run may have trained the live head.
+        weight, bias = self.exp.model.initial_head()
         return ServerState(task=0, round=0, A=A, B=B, sums=TaskSums(), head_weight=weight, head_bias=bias)
 
     @property
