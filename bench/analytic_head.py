@@ -85,29 +85,33 @@ def task_train_indices(exp: Experiment, task: int, clients: int) -> np.ndarray:
     ]))
 
 
-def analytic_matrices(exp: Experiment, deltas: list[dict], clients: int, ridges: list[float], rp_dim: int
-                      ) -> dict[tuple[str, float], tuple[list[list[float]], list[list[float]]]]:
-    """(head, ridge) -> (accuracy matrix, task-aware matrix) for the analytic and oracle heads."""
+def analytic_matrices(exp: Experiment, deltas: list[dict], clients: int, ridges: list[float], rp_dim: int,
+                      oracle: bool = True) -> dict[tuple[str, float], tuple[list[list[float]], list[list[float]]]]:
+    """(head, ridge) -> (accuracy matrix, task-aware matrix) for the analytic head and, with ``oracle``, the
+    oracle head (which passes every earlier task's data again at each task end)."""
     d = exp.model.head.in_features
     rf = RandomFeatures(d, rp_dim, seed=stable_seed(exp.run.seed, 11)) if rp_dim else None
     P = rf.matrix if rf else None
     p, num_classes = (rp_dim or d), exp.model.head.out_features
     test_labels = np.asarray(exp.stream.test_labels)
     federated = HeadSums.zeros(p, num_classes)
-    out = {(h, lam): ([], []) for h in ("analytic", "oracle") for lam in ridges}
+    heads = ("analytic", "oracle") if oracle else ("analytic",)
+    out = {(h, lam): ([], []) for h in heads for lam in ridges}
     for t, delta in enumerate(deltas):
         tasks = exp.tasks[: t + 1]
         seen = exp.block(t)[1]
         train = exp.train_data(stable_seed(exp.run.seed, t, 99))
         x, y = head_inputs(exp, delta, train, task_train_indices(exp, t, clients), P, rf)
         federated.add(*feature_sums(x, y, num_classes), len(y))
-        oracle = HeadSums.zeros(p, num_classes)
-        for j in range(t + 1):
-            xj, yj = (x, y) if j == t else head_inputs(exp, delta, train, task_train_indices(exp, j, clients), P, rf)
-            oracle.add(*feature_sums(xj, yj, num_classes), len(yj))
+        sums_of = {"analytic": federated}
+        if oracle:
+            sums_of["oracle"] = again = HeadSums.zeros(p, num_classes)
+            for j in range(t + 1):
+                xj, yj = (x, y) if j == t else head_inputs(exp, delta, train, task_train_indices(exp, j, clients), P, rf)
+                again.add(*feature_sums(xj, yj, num_classes), len(yj))
         test_idx = np.flatnonzero(np.isin(test_labels, np.concatenate([np.asarray(c) for c in tasks])))
         xt, yt = head_inputs(exp, delta, exp.stream.test, test_idx, P, rf)
-        for head, sums in (("analytic", federated), ("oracle", oracle)):
+        for head, sums in sums_of.items():
             for lam in ridges:
                 logits = (xt @ ridge_head(sums, lam, classes=seen).T).numpy()
                 acc, aware = out[(head, lam)]
@@ -154,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 heads |= {h: m for (h, lam), m in
                           analytic_matrices(exp, deltas, args.clients, [ridge], args.rp_dim).items()}
                 frozen = [{k: torch.zeros_like(v) for k, v in d.items()} for d in deltas]
-                heads["w0"] = analytic_matrices(exp, frozen, args.clients, [ridge], args.rp_dim)[("analytic", ridge)]
+                # with no delta the backbone never moves: the oracle would be the analytic head, passed again
+                heads["w0"] = analytic_matrices(exp, frozen, args.clients, [ridge], args.rp_dim,
+                                                oracle=False)[("analytic", ridge)]
                 for head in HEADS:
                     row = {"strategy": strategy, "beta": beta, "seed": seed, "head": head,
                            "ridge": "" if head == "trained" else ridge, "rp_dim": args.rp_dim} | score(*heads[head])
