@@ -104,12 +104,17 @@ class PlainAggregation:
                 order.round, reason)
         if len(valid) < self.min_clients:
             # e.g. a round-timeout too short names itself
-            why = "".join(f"; {self.partitions.describe(node)}: {reason}" for node, reason in dropped[:5])
             raise RoundFailed(
                 f"task {order.task} round {order.round}: {len(valid)} valid replies, min-clients is {self.min_clients}"
-                f"{why}"
+                f"{why_left_out(self.partitions, dropped)}"
             )
         return valid, len(dropped)
+
+
+def why_left_out(book: PartitionBook, left_out: list[tuple[int, str]]) -> str:
+    """'; node 7 (partition 2/3): reason' for each of the first few left-out nodes, to end an error that says too
+    few nodes counted: the reasons (a round-timeout too short, a node gone) are what a user must act on."""
+    return "".join(f"; {book.describe(node)}: {reason}" for node, reason in left_out[:5])
 
 
 def _accept(node: int, arrays: dict, config: dict, order: RoundOrder, spec: ReplySpec) -> ClientReply:

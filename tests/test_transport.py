@@ -1,6 +1,7 @@
 """How the server's transport reports nodes: one envelope per node asked, attributed by message id (the SuperLink
-answers for a dead node under its own id), waiting for nodes logged, and round-timeout named when it is the cause;
-replies pulled every reply-poll seconds until all are in or round-timeout has passed."""
+answers for a dead node under its own id), waiting for nodes logged, and round-timeout named when it is the cause
+(in a round and at the start-up check); replies pulled every reply-poll seconds until all are in or round-timeout
+has passed."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
+from common.config import RunConfig
 from common.identity import PartitionBook
+from deploy.inprocess import schedule_for
 from server.aggregation import PlainAggregation
 from server import transport
+from server.startup import NodeCheckFailed, check_nodes
 from server.transport import FlowerTransport, RoundFailed, wait_for_nodes
 from tests.direct_grid import server_identity
 
@@ -102,6 +106,21 @@ def test_when_every_node_times_out_the_error_names_round_timeout(clock):
     with pytest.raises(RoundFailed, match=r"0 valid replies, min-clients is 1; node 11 \(partition unknown\): no "
                        r"reply within round-timeout 0.01 s"):
         PlainAggregation(None, 1, PartitionBook(None, 0.5, 0)).select(envelopes, order, None)
+
+
+def test_when_every_node_times_out_at_the_start_up_check_the_error_names_round_timeout(clock, tmp_path):
+    run = RunConfig(backbone="vit_tiny_test", img_size=32, classes_per_task=5, num_tasks=2, rounds_per_task=1,
+                    local_epochs=1, max_train_per_class=4, max_test_per_class=2, rank=2, min_clients=2,
+                    round_timeout=0.01)
+    grid = ScriptedGrid(silent=[11, 12])
+    with server_identity(), pytest.raises(NodeCheckFailed) as err:
+        check_nodes(FlowerTransport(grid, 2, run.round_timeout, 0.2), schedule_for(run, tmp_path))
+    assert str(err.value) == (
+        "start-up check: 0 SuperNodes passed, min-clients is 2"
+        "; node 11 (partition unknown): no reply within round-timeout 0.01 s (node gone or too slow)"
+        "; node 12 (partition unknown): no reply within round-timeout 0.01 s (node gone or too slow)"
+        "; round-timeout is 0.01 s: a first check that decodes a large data partition may need a longer one"
+    )
 
 
 def test_waiting_for_too_few_nodes_is_logged_at_once_and_the_error_names_both_settings(caplog):
