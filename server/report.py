@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from common.metrics import (  # noqa: E402
     average_accuracy, average_forgetting, forgetting_after_learning, pooled_accuracy,
 )
+from server.state import replaced_atomically  # noqa: E402
 
 ROUND_FIELDS = [
     "task", "round", "factor", "clients", "dropped", "partitions", "train_loss", "uplink_bytes_per_client",
@@ -136,7 +137,8 @@ class RunReport:
         return json.loads((self.folder / "metrics.json").read_text())
 
     def write_config(self, config: dict[str, Any]) -> None:
-        (self.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        with replaced_atomically(self.folder / "config.json") as f:  # a crash mid-write keeps the old one
+            f.write(json.dumps(config, indent=2, sort_keys=True).encode())
 
     def write_rounds(self, history: list[dict[str, Any]]) -> None:
         # Rewritten whole from the checkpointed history, so a resumed run has no duplicate or missing lines.
@@ -150,7 +152,8 @@ class RunReport:
         task_aware: list[list[float]] | None = None,
     ) -> dict[str, Any]:
         result = summary(acc, test_samples, task_aware) | extra
-        (self.folder / "metrics.json").write_text(json.dumps(result, indent=2))
+        with replaced_atomically(self.folder / "metrics.json") as f:
+            f.write(json.dumps(result, indent=2).encode())
         matrix = square(acc)
         with open(self.folder / "acc_matrix.csv", "w", newline="") as f:
             writer = csv.writer(f)

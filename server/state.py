@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -30,6 +32,18 @@ class CheckpointError(RuntimeError):
 def config_fingerprint(config: dict[str, Any]) -> str:
     """Hash of the settings that change results; a checkpoint only resumes the run it came from."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file whose contents replace ``path`` once the block ends: a crash before then leaves the old file
+    whole (or none), never a truncated one."""
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # a name no other writer shares
+    with open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -66,12 +80,8 @@ class ServerState:
             "wall_s": self.wall_s,
             "num_partitions": self.num_partitions,
         }
-        tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # a name no other writer shares
-        with open(tmp, "wb") as f:
+        with replaced_atomically(path) as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path, fingerprint: str, num_partitions: int = 0) -> "ServerState":

@@ -1,7 +1,9 @@
 """The run folder: one run at a time (a lock), and nothing in it overwritten by a run that is refused at
-start-up or that has nothing left to do; a resumed run's wall time adds up its sessions."""
+start-up or that has nothing left to do; config.json and metrics.json replaced whole or not at all; a resumed
+run's wall time adds up its sessions."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -78,3 +80,20 @@ def test_a_resumed_run_adds_up_the_wall_time_of_its_sessions(tmp_path):
     assert spent > 0
     result = execute(run, "cut", in_process(run))
     assert result["tasks_done"] == 2 and result["wall_s"] > spent
+
+
+def test_a_crash_while_the_json_files_are_rewritten_leaves_the_previous_ones_whole(tmp_path, monkeypatch):
+    report = RunReport(tmp_path / "r")
+    report.write_config({"rank": 2})
+    report.write_results([[50.0]], [10], {"wall_s": 1.0})
+    saved = {name: (report.folder / name).read_bytes() for name in ("config.json", "metrics.json")}
+
+    def crash(*args):  # the process dies after writing the new contents, before they replace the old
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        report.write_config({"rank": 3})
+    with pytest.raises(OSError, match="killed"):
+        report.write_results([[60.0]], [10], {"wall_s": 2.0})
+    assert {name: (report.folder / name).read_bytes() for name in saved} == saved
