@@ -67,11 +67,23 @@ def test_a_truncated_jpeg_in_a_nodes_partition_fails_the_start_up_check_naming_n
     assert not (tmp_path / "out" / "config.json").exists()
 
 
-def test_a_bad_file_in_the_evaluation_split_stops_the_run_before_any_work(tmp_path):
+def not_an_image(path: Path) -> None:
+    path.write_bytes(b"this is not a JPEG")
+
+
+def a_truncated_jpeg(path: Path) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # its headers intact: it opens, and fails only when decoded
+
+
+@pytest.mark.parametrize("spoil", [not_an_image, a_truncated_jpeg])
+def test_a_bad_file_in_the_evaluation_split_stops_the_run_before_any_work(tmp_path, spoil):
     run = run_for(imagenet_r(tmp_path / "data"), output_dir=str(tmp_path / "out"))
     exp = build_experiment(run, run.data_dir, "cpu", "")
     bad = exp.stream.test.paths[-1]
-    bad.write_bytes(b"this is not a JPEG")
+    spoil(bad)
     drove = []
     with pytest.raises(DataError, match=f"image files of the server's evaluation split cannot be decoded: {bad}"):
         execute(run, "r", drove.append)
