@@ -8,7 +8,7 @@ clients run) and its arrays counted, against what the reference implementation s
 dense d_in x d_in float32 Gram for every adapted layer, every round. The head (its block and its Gram) is
 counted separately: it is the same for every backbone rank. Its Gram has one row per image, so a client with
 ``--head-images`` images (per task) sends it as an exact low-rank factor when that is smaller than the packed
-triangle (GramForm LOW_RANK), as the clients do.
+triangle (the wire manifest's LOW_RANK Gram form, common/protocol.py), as the clients do.
 """
 
 from __future__ import annotations

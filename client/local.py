@@ -13,6 +13,7 @@ from common.config import ConfigError, NodeConfig, RunConfig, resolve_device
 from common.data import client_task_indices
 from common.data.check import check_images
 from common.experiment import Experiment, build_experiment, stable_seed
+from common.grams import low_rank_pays
 from common.identity import WITHHELD, Partition, partition_samples
 from common.layout import CHECK, GRAMS, TRAIN, ReplySpec
 from common.lora import get_factors, set_deltas, set_factors, set_trainable
@@ -139,7 +140,8 @@ class LocalWork:
             set_deltas(model, None, adapter_scale=1.0)
         # A is shared in a projecting round: A G A^T (r x r) is all its merge needs of G.
         grams |= {name: project_gram(order.A[name].to(grams[name]), grams[name]) for name in spec.projected}
-        low_rank = {name: a for name, a in alpha.items() if a > 0 and 2 * rows[name] < spec.grams[name].side + 1}
+        # A raw Gram's rank is at most the rows seen: below the break-even, try the exact factor.
+        low_rank = {name: a for name, a in alpha.items() if a > 0 and low_rank_pays(rows[name], spec.grams[name].side)}
         return grams, low_rank
 
     def answer(self, kind: str, arrays: dict[str, Tensor], config: dict) -> tuple[RoundOrder, ReplySpec, ClientReply]:

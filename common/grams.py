@@ -39,13 +39,18 @@ def shrink(G: Tensor, alpha: float) -> Tensor:
     return alpha * G + (1.0 - alpha) * torch.diag_embed(diag)
 
 
+def low_rank_pays(rows: int, side: int) -> bool:
+    """Whether a (side, rows) factor is smaller than the packed triangle of a side x side Gram."""
+    return 2 * rows < side + 1
+
+
 def low_rank_factor(G: Tensor, alpha: float) -> Tensor | None:
     """F: (d, k) with shrink(F F^T, alpha) == G to float64 rounding, where G: (d, d) is a shrunk Gram, alpha > 0.
 
     Shrinking keeps the diagonal and scales the rest by alpha, so the raw X^T X is (G - D) / alpha + D; its rank
     is at most the number of rows a client saw, which for the head (one row per image) is often below d. F keeps
     the eigenvalues above rank tolerance (d * eps * the largest, numpy's matrix_rank rule), so nothing is lost
-    that float64 could represent. Returns None when k >= (d + 1) / 2, where the packed triangle is no larger, when
+    that float64 could represent. Returns None when the packed triangle is no larger (``low_rank_pays``), when
     k = 0, or when the eigensolver does not converge: the caller then sends the packed triangle, also exact.
     """
     _check_alpha("", alpha)
@@ -59,7 +64,8 @@ def low_rank_factor(G: Tensor, alpha: float) -> Tensor | None:
     except torch.linalg.LinAlgError:  # LAPACK did not converge (badly scaled features): the packed form is exact
         return None
     keep = values > values[-1].clamp(min=0) * d * torch.finfo(torch.float64).eps
-    if not 0 < 2 * int(keep.sum()) < d + 1:  # an all-zero Gram travels packed: no (d, 0) arrays on the wire
+    rank = int(keep.sum())
+    if rank == 0 or not low_rank_pays(rank, d):  # an all-zero Gram travels packed: no (d, 0) arrays on the wire
         return None
     factor = vectors[:, keep] * values[keep].sqrt()
     # A feature no sample activated must stay exactly zero: the merges treat a zero diagonal as "unseen" and

@@ -38,7 +38,11 @@ class FCILStrategy(Strategy):
         pass  # the schedule logs its own summary when it starts
 
     def start(self, grid: Grid, *args, **kwargs) -> ServerState:  # type: ignore[override]
-        """Check the SuperNodes, then run (or resume) the whole schedule over Flower; returns the final state."""
+        """Check the SuperNodes, then run (or resume) the whole schedule over Flower; returns the final state.
+
+        Overridden, signature and all: Flower's ``start`` is a loop of flat train/evaluate rounds over one
+        ArrayRecord, with no room for tasks, Gram queries or secure sums, and without the override (``main``
+        calling the schedule itself) this Strategy would be left with nothing to do: dead code."""
         run = self.schedule.config
         check_nodes(FlowerTransport(grid, run.min_clients, run.round_timeout, run.reply_poll), self.schedule)
         return self.schedule.run(AGGREGATIONS[run.privacy](grid, run, self.schedule.partitions))

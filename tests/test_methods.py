@@ -10,7 +10,7 @@ import torch
 from common.config import RunConfig
 from common.layout import GRAMS, TRAIN, Dims, Term
 from common.methods import METHODS, Method, register_method
-from common.methods.base import COUNT_N, sum_terms
+from common.methods.base import COUNT_N, CrossTask, sum_terms
 from common.protocol import ClientReply, RoundOrder
 
 LAYERS = {"qkv": (9, 4), "fc2": (4, 6)}  # name -> (d_out, d_in)
@@ -92,6 +92,20 @@ def test_regmean_plug_in_is_regmean_of_the_full_deltas():
         want = sum(d @ g for d, g in zip(deltas, G)) @ np.linalg.inv(sum(G))
         np.testing.assert_allclose((B_stack[layer] @ A_stack[layer]).numpy(), want, rtol=1e-9, atol=1e-12)
     assert not spec.summable and not method.summable  # stacked terms: secure aggregation cannot carry them
+
+
+def test_lorm_task_end_returns_new_sums_and_leaves_the_given_ones_as_they_were():
+    gen = torch.Generator().manual_seed(3)
+    order = _order("B", gen)
+    grams = {name: _gram(gen, d_in, False) for name, (_, d_in) in LAYERS.items()}
+    first = METHODS["lorm"].end_task((order.A, order.B), CrossTask(), grams)
+    before = {key: {n: t.clone() for n, t in sums.items()} for key, sums in first.sums.state_dict().items()}
+    second = METHODS["lorm"].end_task((order.A, order.B), first, grams)
+    assert len(first.past) == 1 and len(second.past) == 2
+    for key, sums in first.sums.state_dict().items():
+        assert sums.keys() == before[key].keys() and all(torch.equal(t, before[key][n]) for n, t in sums.items())
+        for name, t in second.sums.state_dict()[key].items():
+            torch.testing.assert_close(t, 2 * before[key][name])  # the same task folded twice
 
 
 def test_a_new_method_is_one_registered_class_and_runs_the_whole_schedule(tmp_path):

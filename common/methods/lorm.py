@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from common.layout import Dims, Term
-from common.merges import round_terms, solve_layers
+from common.merges import TaskSums, round_terms, solve_layers
 from common.methods.base import Adapter, CrossTask, Method, register_method
 from common.protocol import ClientReply
 
@@ -39,7 +39,7 @@ class LoRM(Method):
         for name in dims.shapes:
             num = (dims.shapes[name][0], dims.rank) if factor == "B" else dims.factor_shape("A", name)
             out[f"num/{name}"] = Term(num, over=f"den/{name}")
-            out[f"den/{name}"] = Term(dims.gram(name, projected=factor == "B").shape, gram=True)
+            out[f"den/{name}"] = Term(dims.gram(name, projected=self.projects(factor)).shape, gram=True)
         return out
 
     def backbone_terms(self, factor: str, reply: ClientReply, shared: Adapter) -> dict[str, Tensor]:
@@ -60,8 +60,9 @@ class LoRM(Method):
 
     def end_task(self, adapter: Adapter, cross: CrossTask, grams: Mapping[str, Tensor] | None) -> CrossTask:
         assert grams is not None  # task_end_grams: the schedule always asks
-        cross.sums.fold(adapter[0], adapter[1], grams)
-        return CrossTask(cross.past + [adapter], cross.sums)
+        sums = TaskSums(cross.sums.S, cross.sums.H)  # a copy: the caller's sums stay as they were
+        sums.fold(adapter[0], adapter[1], grams)
+        return CrossTask(cross.past + [adapter], sums)
 
     def eval_deltas(self, cross: CrossTask, layers: list[str], ridge: float) -> dict[str, Tensor]:
         return cross.sums.delta(ridge)
