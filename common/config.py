@@ -20,6 +20,7 @@ from common.data import STREAMS
 from common.methods import METHODS, Method
 
 
+DEFAULT_CACHE_DIR = "~/.cache/lorm-flower/streams"  # decoded packaged streams (common/data/cache.py)
 # A run's folder name: no separators, no "..", nothing hidden, so it always stays inside output-dir.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -179,9 +180,7 @@ class NodeConfig(_Config):
     data_dir: str = ""
     device: str = ""
     num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default")
-    cache_dir: str = Field(
-        "~/.cache/lorm-flower/streams", description="decoded packaged streams, kept across messages; '' = off"
-    )
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, description="decoded packaged streams, kept across messages; '' = off")
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> "NodeConfig":

@@ -12,7 +12,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from common.backbones import BACKBONES
-from common.config import RunConfig
+from common.config import DEFAULT_CACHE_DIR, RunConfig
 from common.data import Stream, load_stream
 from common.data.augment import AUGMENTS, Augment, EvalView, TrainViews
 from common.data.cache import load_or_build
@@ -66,9 +66,6 @@ class Experiment:
         """(lo, hi): the task's classes are the contiguous global ids lo..hi-1."""
         classes = self.tasks[task]
         return classes[0], classes[-1] + 1
-
-
-DEFAULT_CACHE_DIR = "~/.cache/lorm-flower/streams"
 
 
 @functools.lru_cache(maxsize=2)

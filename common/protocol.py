@@ -49,6 +49,7 @@ from common.lorm_manifest_pb2 import (
 from common.lorm_manifest_pb2 import Partition as PartitionSpec
 from common.grams import low_rank_factor, shrink
 from common.identity import Partition
+from common.model import HEAD
 from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
 
 # 3: every message's tensors packed into one uint8 array, their byte layout in the manifest
@@ -220,7 +221,7 @@ class RoundOrder:
         for tau, (a, b) in enumerate(self.past):
             arrays |= flatten(f"past{tau}.A", a, torch.float32) | flatten(f"past{tau}.B", b, torch.float32)
         if self.head_weight is not None:
-            arrays |= flatten("head", {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
+            arrays |= flatten(HEAD, {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
         return _message(
             self.kind, arrays, task=self.task, round=self.round, factor=self.factor, class_lo=self.block[0],
             class_hi=self.block[1], num_past=len(self.past),
@@ -232,7 +233,7 @@ class RoundOrder:
         m, arrays = read_message(arrays, config, kind)
         if m.factor not in (("A", "B", "AB") if kind == ROUND_ORDER else ("",)):
             raise ProtocolError(f"factor {m.factor!r} does not fit this message kind")
-        head = unflatten("head", arrays)
+        head = unflatten(HEAD, arrays)
         past = [(unflatten(f"past{t}.A", arrays), unflatten(f"past{t}.B", arrays)) for t in range(m.num_past)]
         return cls(
             task=m.task,
@@ -258,7 +259,7 @@ class ClientReply:
     round: int
     factor: str
     num_examples: int
-    grams: dict[str, Tensor]  # layer (or "head") -> (d_in,) diagonal or (d_in, d_in) dense, or (r, r) projected
+    grams: dict[str, Tensor]  # layer (or HEAD) -> (d_in,) diagonal or (d_in, d_in) dense, or (r, r) projected
     trained: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # factor ("A"/"B") -> layer -> tensor
     head_weight: Tensor | None = None
     head_bias: Tensor | None = None
@@ -289,7 +290,7 @@ class ClientReply:
         arrays = {k: t for f, d in self.trained.items() for k, t in flatten(f"factor.{f}", d, torch.float32).items()}
         arrays |= flatten("gram", {n: t / scales[n] for n, (_, t, _) in encoded.items()}, gram_dtype)
         if self.head_weight is not None:
-            arrays |= flatten("head", {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
+            arrays |= flatten(HEAD, {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
         specs = tuple(
             GramSpec(layer=n, form=encoded[n][0], d_in=g.shape[-1], scale=scales[n], shrinkage=encoded[n][2])
             for n, g in sorted(self.grams.items())
@@ -319,7 +320,7 @@ class ClientReply:
                 grams[name] = shrink(g @ g.T, spec.shrinkage)
             else:
                 raise ProtocolError(f"Gram of {name}: form {spec.form} with shape {tuple(g.shape)}, d_in {spec.d_in}")
-        head = unflatten("head", arrays)
+        head = unflatten(HEAD, arrays)
         return cls(
             task=m.task,
             round=m.round,

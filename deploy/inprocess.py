@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from client.local import LocalWork
-from common.config import NodeConfig, RunConfig
+from common.config import ConfigError, NodeConfig, RunConfig
 from common.experiment import build_experiment
 from server.aggregation import PlainAggregation
 from server.report import RunReport
@@ -57,5 +57,10 @@ def schedule_for(run: RunConfig, folder, fingerprint: str = "test") -> Schedule:
 
 def run_in_process(schedule: Schedule, transport: InProcessTransport) -> ServerState:
     """The start-up check and the schedule against in-process clients (plain aggregation); returns the final state."""
+    if schedule.config.privacy != "plain":  # running it plain would quietly drop the privacy the config asked for
+        raise ConfigError(
+            f"run config privacy={schedule.config.privacy!r}: the in-process federation has plain aggregation only; "
+            "run secure aggregation in the simulation (bash scripts/simulate.sh)"
+        )
     check_nodes(transport, schedule)
     return schedule.run(PlainAggregation(transport, schedule.config.min_clients, schedule.partitions))

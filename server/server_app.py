@@ -13,9 +13,9 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig, resolve_device
+from common.config import DEFAULT_CACHE_DIR, RunConfig, resolve_device
 from common.data.check import check_images
-from common.experiment import DEFAULT_CACHE_DIR, build_experiment
+from common.experiment import build_experiment
 from server.report import RunReport
 from server.schedule import Schedule
 from server.state import ServerState, config_fingerprint

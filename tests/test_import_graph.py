@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "server", "client", "deploy", "bench")
+PACKAGES = ("common", "server", "client", "deploy", "bench", "cli")
 
 
 def _modules() -> dict[str, Path]:

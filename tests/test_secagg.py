@@ -287,6 +287,16 @@ def test_secure_schedule_ends_where_the_plain_one_does(tmp_path, strategy):
         assert (s["clients"], s["dropped"]) == (K, 0) and s["train_loss"] == pytest.approx(p["train_loss"], rel=1e-6)
 
 
+def test_the_in_process_federation_refuses_a_secagg_run_instead_of_running_it_plain(tmp_path):
+    from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
+
+    run = RunConfig(**TINY, privacy="secagg")
+    transport = InProcessTransport(run, K)
+    with pytest.raises(ConfigError, match=r"privacy='secagg'.*plain aggregation only.*bash scripts/simulate\.sh"):
+        run_in_process(schedule_for(run, tmp_path / "r"), transport)
+    assert transport.calls == 0  # refused before any message
+
+
 def test_a_sum_that_is_not_a_gram_fails_the_round_with_a_clear_error(tmp_path, monkeypatch):
     import client.secagg
 
