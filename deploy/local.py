@@ -16,7 +16,6 @@ authentication (registers each SuperNode's public key with `flwr supernode regis
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -30,7 +29,7 @@ from pathlib import Path
 from cli.warm_exec import POLL_ENV
 from deploy.hosts import Host, Hosts, loopback
 from deploy.netns import namespaces
-from deploy.processes import BIN, OFFLINE, ROOT, Processes, flwr_run, free_port, run_status, wait_for_port
+from deploy.processes import BIN, OFFLINE, ROOT, Processes, flwr_run, free_port, nodes_online, run_status, wait_for_port
 
 CONNECTION = "deploy"
 LINK_PORT = 8000  # Flower's default; used as is only where the SuperLink has a network namespace of its own
@@ -93,10 +92,7 @@ class Deployment:
         return node
 
     def nodes_online(self) -> int:
-        out = self.flwr("supernode", "ls", self.connection, "--format", "json")
-        if out.returncode != 0:
-            return 0
-        return sum(n["status"] == "online" for n in json.loads(out.stdout)["nodes"])
+        return nodes_online(self.env, self.connection)
 
     def wait_for_nodes(self, k: int, nodes: list[subprocess.Popen], timeout: float = 180.0) -> None:
         """Until k SuperNodes are online: a run started earlier would wait for them a round timeout long."""

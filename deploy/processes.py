@@ -167,3 +167,13 @@ def run_status(env: dict, connection: str, run_id: str) -> str:
         )
     run = json.loads(out.stdout)["runs"][0]
     return f"{run['status']}" + (f" ({run['status-details']})" if run.get("status-details", "N/A") != "N/A" else "")
+
+
+def nodes_online(env: dict, connection: str) -> int:
+    """How many SuperNodes the SuperLink counts online; 0 while it cannot be asked (`flwr` then exits 0 too, with
+    `"success": false`)."""
+    out = subprocess.run([str(BIN / "flwr"), "supernode", "ls", connection, "--format", "json"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        return 0
+    return sum(n["status"] == "online" for n in json.loads(out.stdout).get("nodes", []))

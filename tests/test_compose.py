@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -52,6 +53,17 @@ def interpolate(value, env):
     return VAR.sub(sub, value)
 
 
+class _Reset:
+    """Compose's `!reset` tag: the key is removed from what earlier files set."""
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_constructor("!reset", lambda loader, node: _Reset())
+
+
 def _target(entry):
     return entry.split(":")[1] if isinstance(entry, str) else entry
 
@@ -61,7 +73,10 @@ def merge(base, over, key=""):
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
-            out[k] = merge(base[k], v, k) if k in base else v
+            if isinstance(v, _Reset):
+                out.pop(k, None)
+            else:
+                out[k] = merge(base[k], v, k) if k in base else v
         return out
     if isinstance(base, list) and isinstance(over, list) and key not in ("command", "entrypoint"):
         kept = [b for b in base if _target(b) not in {_target(o) for o in over}]
@@ -73,7 +88,7 @@ def load(*names, env=None):
     env = {} if env is None else env
     doc = {}
     for name in names:
-        doc = merge(doc, interpolate(yaml.safe_load((HERE / name).read_text()), env))
+        doc = merge(doc, interpolate(yaml.load((HERE / name).read_text(), Loader=_Loader), env))
     return doc
 
 
@@ -121,6 +136,8 @@ def help_flags():
 SETUPS = {
     "single host": (("compose.yml",), {}),
     "single host + TLS/auth": (("compose.yml", "compose.tls.yml"), {}),
+    "single host, no GPU": (("compose.yml", "compose.cpu.yml"), {}),
+    "single host + TLS/auth, no GPU": (("compose.yml", "compose.tls.yml", "compose.cpu.yml"), {}),
     "server": (("compose.server.yml",), dotenv()),
     "client": (("compose.client.yml",), dotenv()),
 }
@@ -174,6 +191,17 @@ def test_single_host():
         assert s[name]["build"]["dockerfile"] == "deploy/compose/Dockerfile"
         assert (HERE / s[name]["build"]["context"]).resolve() == ROOT
         assert s[name]["build"]["args"]["FLWR_VERSION"] == FLWR
+
+
+def test_cpu_override_drops_every_gpu_reservation_and_nothing_else():
+    for files in (("compose.yml",), ("compose.yml", "compose.tls.yml")):
+        gpu, cpu = load(*files)["services"], load(*files, "compose.cpu.yml")["services"]
+        assert set(cpu) == set(gpu)
+        for name in gpu:
+            assert not _has_gpu(cpu[name]) and "deploy" not in cpu[name], name
+            assert cpu[name] == {k: v for k, v in gpu[name].items() if k != "deploy"}, name
+    # an override naming a service compose.yml lacks would add a broken one
+    assert set(load("compose.cpu.yml")["services"]) <= set(load("compose.yml")["services"])
 
 
 def _mounts(service):
@@ -296,3 +324,13 @@ def test_docker_compose_config(certs):
         out = subprocess.run(["docker", "compose", *args, "config", "-q"], capture_output=True, text=True,
                              env={"PATH": os.environ["PATH"], **env, "CERTS_DIR": str(certs)})
         assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.containers
+def test_compose_brought_up_for_real(tmp_path):
+    """tests/containers/compose_check.py: the project image built, compose.yml up with 3 SuperNodes and a job
+    completed with its results on the volume, then TLS + SuperNode auth with an unregistered node refused."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "containers" / "compose_check.py"),
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, f"{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
+    assert "all passed" in out.stdout, out.stdout
