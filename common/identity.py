@@ -54,7 +54,8 @@ def partition_samples(
     """(fingerprint, sample count) of the partition's training samples over ``tasks``.
 
     The fingerprint hashes each task's id, sample indices and labels, so two nodes agree only if they hold the same
-    samples with the same labels (a node whose data folder differs from the server's disagrees too).
+    samples with the same labels. A data folder with another layout or other labels disagrees; one with the same
+    layout and labels but other pixels does not (pixels are not hashed).
     """
     digest = hashlib.sha256()
     count = 0
