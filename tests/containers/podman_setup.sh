@@ -11,6 +11,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 FLWR_VERSION="${FLWR_VERSION:-1.42.0}"
 step() { echo "[podman-setup $(date +%T)] $*"; }
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
 
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then
   step "installing podman, runc, debootstrap"
@@ -40,15 +42,14 @@ if ! podman image exists localhost/debian-base; then
   step "building localhost/debian-base with debootstrap"
   mirror="$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)"
   [ -n "$mirror" ] || mirror="$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)"
-  rootfs="$(mktemp -d)"
+  rootfs="$tmp/rootfs"
   debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
-  tar -C "$rootfs" -c . | podman import - localhost/debian-base >/dev/null
-  rm -rf "$rootfs"
+  tar -C "$rootfs" -c . | podman import -q - localhost/debian-base >/dev/null
 fi
 
 # HTTPS leaving these machines may be re-signed by a proxy: the builds trust what the host trusts.
-ctx="$(mktemp -d)"
-trap 'rm -rf "$ctx"' EXIT
+ctx="$tmp/context"
+mkdir "$ctx"
 cp /etc/ssl/certs/ca-certificates.crt "$ctx/host-ca.crt"
 if ! podman image exists "localhost/flwr-standin:$FLWR_VERSION"; then
   step "building localhost/flwr-standin:$FLWR_VERSION (python3, venv, flwr)"
@@ -68,4 +69,4 @@ if ! command -v podman-compose >/dev/null; then
   python3 -m pip install --quiet --break-system-packages "podman-compose==1.6.0" 2>/dev/null \
     || python3 -m pip install --quiet "podman-compose==1.6.0"
 fi
-step "ready: $(podman --version), $(podman-compose --version 2>/dev/null | tail -1)"
+step "ready: $(podman --version), $(podman-compose --version 2>/dev/null | head -1)"
