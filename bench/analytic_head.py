@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from flwr.common.config import parse_config_args
 
+from common import training
 from common.analytic import HeadSums, RandomFeatures, feature_sums, ridge_head
 from common.config import RunConfig
 from common.data import client_task_indices
 from common.experiment import Experiment, stable_seed
 from common.lora import set_deltas
 from common.metrics import accuracy_per_task, average_accuracy, average_forgetting, task_aware_accuracy_per_task
-from common.training import make_loader
 from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
 from deploy.processes import ROOT
 from server.report import square
@@ -68,14 +68,11 @@ def head_inputs(exp: Experiment, delta: dict, dataset, indices: np.ndarray, P: t
     model = exp.model
     set_deltas(model, {k: v.to(torch.float32) for k, v in delta.items()}, adapter_scale=0.0)
     try:
-        xs, ys = [], []
-        for x, y in make_loader(dataset, indices, exp.run.eval_batch_size, shuffle=False, seed=0):
-            f = model.features(x.to(exp.device)).float()
-            xs.append((rf(f, P) if rf else f).double().cpu())
-            ys.append(y)
+        loader = training.make_loader(dataset, indices, exp.run.eval_batch_size, shuffle=False, seed=0)
+        x, y = training.head_inputs(model, loader, device=exp.device)
     finally:
         set_deltas(model, None, adapter_scale=1.0)
-    return torch.cat(xs), torch.cat(ys)
+    return (rf(x, P).double() if rf else x), y
 
 
 def task_train_indices(exp: Experiment, task: int, clients: int) -> np.ndarray:
@@ -100,7 +97,7 @@ def analytic_matrices(exp: Experiment, deltas: list[dict], clients: int, ridges:
     for t, delta in enumerate(deltas):
         tasks = exp.tasks[: t + 1]
         seen = exp.block(t)[1]
-        train = exp.train_data(stable_seed(exp.run.seed, t, 99))
+        train = exp.head_sums_data(t)  # the images a run's clients pass at t's end (client/local.py:head_sums)
         x, y = head_inputs(exp, delta, train, task_train_indices(exp, t, clients), P, rf)
         federated.add(*feature_sums(x, y, num_classes), len(y))
         sums_of = {"analytic": federated}

@@ -44,6 +44,12 @@ def task_end_grams(msg: Message, context: Context) -> Message:
     return _handle(msg, context)
 
 
+@app.query("head", mods=[privacy_mod])
+def task_end_head_sums(msg: Message, context: Context) -> Message:
+    """Task end, head = "analytic": the head inputs' sums through W0, for the server's ridge head."""
+    return _handle(msg, context)
+
+
 @app.query("check", mods=[privacy_mod])
 def start_up_check(msg: Message, context: Context) -> Message:
     """Before the first round: this node's settings and data are checked, and it says which partition it holds."""

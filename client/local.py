@@ -9,18 +9,20 @@ import torch
 from flwr.app import Context
 from torch import Tensor
 
+from common.analytic import feature_sums
 from common.config import ConfigError, NodeConfig, RunConfig, resolve_device
 from common.data import client_task_indices
 from common.data.check import check_images
 from common.experiment import Experiment, build_experiment, stable_seed
 from common.grams import low_rank_pays
 from common.identity import WITHHELD, Partition, partition_samples
-from common.layout import CHECK, GRAMS, TRAIN, ReplySpec
+from common.layout import CHECK, GRAMS, HEAD_SUMS, TRAIN, ReplySpec
 from common.lora import get_factors, set_deltas, set_factors, set_trainable
 from common.lorm_manifest_pb2 import CHECK_ORDER, GRAMS_ORDER, ROUND_ORDER
 from common.merges import delta_sum, project_gram
+from common.model import HEAD
 from common.protocol import ClientReply, NodeCheck, RoundOrder, read_manifest
-from common.training import gram_pass, make_loader, train_block
+from common.training import gram_pass, head_inputs, make_loader, train_block
 
 
 def mean_delta_terms(
@@ -160,6 +162,11 @@ class LocalWork:
             spec = self._spec(kind, order)
             reply = self.task_end_grams(order, spec)
             self.last_summary = f"task {order.task} end: Grams of {reply.num_examples} samples"
+        elif kind == HEAD_SUMS:
+            order = RoundOrder.from_wire(arrays, config, GRAMS_ORDER)
+            spec = self._spec(kind, order)
+            reply = self.head_sums(order)
+            self.last_summary = f"task {order.task} end: head sums of {reply.num_examples} samples"
         else:
             raise ValueError(f"unknown message type {kind!r}")
         return order, spec, reply
@@ -215,6 +222,26 @@ class LocalWork:
         return ClientReply(
             task=order.task, round=order.round, factor="", num_examples=len(indices), grams=grams, low_rank=low_rank,
             partition=self._partition((order.task,))[0],
+        )
+
+    def head_sums(self, order: RoundOrder) -> ClientReply:
+        """The analytic head's sums over this node's data of the task (common/analytic.py), through W0 alone (no
+        delta, the live adapter off): X^T X of the head inputs (d, d) and Y^T X of the task's classes (m, d)."""
+        model, (lo, hi) = self.exp.model, order.block
+        indices = self._indices(order.task)
+        loader = make_loader(self.exp.head_sums_data(order.task), indices, self.run.eval_batch_size, shuffle=False,
+                             seed=0)
+        set_deltas(model, None, adapter_scale=0.0)
+        try:
+            x, y = head_inputs(model, loader, device=self.exp.device)
+        finally:
+            set_deltas(model, None, adapter_scale=1.0)
+        G, C = feature_sums(x, y - lo, hi - lo)
+        return ClientReply(
+            task=order.task, round=order.round, factor="", num_examples=len(indices), grams={HEAD: G},
+            # shrinkage 1 is the raw Gram: its exact factor travels when the client has fewer images than half d
+            low_rank={HEAD: 1.0} if low_rank_pays(len(indices), G.shape[0]) else {},
+            class_sums=C.T, partition=self._partition((order.task,))[0],
         )
 
 

@@ -30,13 +30,22 @@ class HeadSums:
     def zeros(cls, p: int, num_classes: int) -> "HeadSums":
         return cls(torch.zeros(p, p, dtype=torch.float64), torch.zeros(p, num_classes, dtype=torch.float64))
 
-    def add(self, G: Tensor, C: Tensor, n: int) -> None:
-        if G.shape != self.G.shape or C.shape != self.C.shape:
-            raise ValueError(f"sums of shapes {tuple(G.shape)}, {tuple(C.shape)} do not fit {tuple(self.G.shape)}, "
-                             f"{tuple(self.C.shape)}")
+    def add(self, G: Tensor, C: Tensor, n: int, lo: int = 0) -> None:
+        """Add G: (p, p) and C: (p, m), the sums of classes lo..lo+m-1 (by default every class), over n samples."""
+        p, classes = self.C.shape
+        if G.shape != self.G.shape or C.ndim != 2 or C.shape[0] != p or not 0 <= lo <= classes - C.shape[1]:
+            raise ValueError(f"sums of shapes {tuple(G.shape)}, {tuple(C.shape)} at class {lo} do not fit "
+                             f"{tuple(self.G.shape)}, {tuple(self.C.shape)}")
         self.G += G.to(torch.float64)
-        self.C += C.to(torch.float64)
+        self.C[:, lo:lo + C.shape[1]] += C.to(torch.float64)
         self.n += n
+
+    def state_dict(self) -> dict:
+        return {"G": self.G, "C": self.C, "n": self.n}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "HeadSums":
+        return cls(state["G"], state["C"], int(state["n"]))
 
 
 def feature_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -58,6 +67,15 @@ def ridge_head(sums: HeadSums, ridge: float, classes: int | None = None) -> Tens
     scale = float(G.diagonal().mean()) or 1.0
     L = torch.linalg.cholesky(G + ridge * scale * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
     return torch.cholesky_solve(C, L).T
+
+
+def head_rows(sums: HeadSums, ridge: float, classes: int) -> tuple[Tensor, Tensor]:
+    """The whole head as the model holds it, float32: (weight (num_classes, p) with ``ridge_head``'s rows for the
+    first ``classes`` and zeros for classes not seen yet, bias (num_classes,) zero: ridge on uncentred features
+    has no intercept)."""
+    weight = torch.zeros(sums.C.shape[1], sums.C.shape[0])
+    weight[:classes] = ridge_head(sums, ridge, classes).to(torch.float32)
+    return weight, torch.zeros(sums.C.shape[1])
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,15 @@ class RunConfig(_Config):
     )
     amp: Literal["bf16", "off"] = Field("bf16", description="autocast of training and Gram forwards on CUDA only")
     ridge: float = Field(0.0, ge=0)
+    head: Literal["trained", "analytic"] = Field(
+        "trained",
+        description="the evaluated and exported classifier: trained = the method's own head blocks (the paper's); "
+        "analytic = W0 + a ridge head over every class seen, from sums clients send at each task end "
+        "(common/analytic.py, docs/methods.md)",
+    )
+    # 0.1 was chosen on the validation hold-out (validation-fraction 0.2) by bench/analytic_head.py for the head
+    # on W0 (docs/results.md); relative to the mean diagonal of the summed Gram, so it does not depend on scale.
+    head_ridge: float = Field(0.1, gt=0, description="ridge of the analytic head (head = analytic)")
     # No bfloat16: its 8-bit significand loses more than float16 scaled by max|G| (common/protocol.py), and
     # float16's range problem is what the scale already solves.
     gram_dtype: Literal["float64", "float32", "float16"] = Field(

@@ -48,6 +48,11 @@ class Experiment:
         from ``seed`` when the run augments (common/data/augment.py), else the images themselves."""
         return TrainViews(self.stream.train, self.augment, seed) if self.augment else self.stream.train
 
+    def head_sums_data(self, task: int) -> Dataset:
+        """The training images whose head inputs enter the analytic head's sums at ``task``'s end: one view per
+        task, the same on every client (the images themselves when the run does not augment)."""
+        return self.train_data(stable_seed(self.run.seed, task, 99))
+
     @property
     def alpha(self) -> dict[str, float]:
         """Gram shrinkage per layer: alpha-backbone for every adapted layer, alpha-head for the head."""

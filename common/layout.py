@@ -8,6 +8,7 @@ expected shapes) and its size cap, secure aggregation (the terms and their wire 
 Shapes, for an adapted layer W0: (d_out, d_in), rank r, a head of d inputs and a task block of m classes:
     factors   "A:<layer>" (r, d_in), "B:<layer>" (d_out, r)
     head      "head.weight" (m, d), "head.bias" (m,)
+    head sums "class_sums" (m, d) and the head's DENSE Gram (d, d), of the head inputs through W0 (head-sums query)
     Grams     DIAGONAL (d_in,) where the shrinkage alpha is 0; DENSE (d_in, d_in) where it is > 0 (travels as a
               packed triangle or an exact low-rank factor, common/protocol.py); PROJECTED (r, r): A G A^T
 """
@@ -23,6 +24,8 @@ from common.model import HEAD
 
 TRAIN = "train"  # Flower message type of a round's order
 GRAMS = "query.grams"  # Flower message type of a task end's Gram query
+HEAD_SUMS = "query.head"  # Flower message type of a task end's head-sums query (head = "analytic")
+CLASS_SUMS = "class_sums"  # a head-sums reply's Y^T X of the task's classes: (m, d), row c sums class lo + c's inputs
 CHECK = "query.check"  # Flower message type of the start-up check (common/protocol.py: CHECK_ORDER)
 
 

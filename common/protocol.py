@@ -14,6 +14,9 @@ Message kinds
   Gram (+ the head's) and the sample count.
 - GRAMS_ORDER (Flower ``query.grams``, once per task end): the task's final adapter and the past ones; the
   GRAMS_REPLY carries the backbone layers' Grams through W0 + mean of the task deltas, for the cross-task fold.
+- The head-sums query (Flower ``query.head``, once per task end when head = "analytic") travels as a GRAMS_ORDER
+  with no arrays (its features are W0's: nothing to send down); its GRAMS_REPLY carries the head input's dense
+  Gram X^T X and the class sums Y^T X of the task's classes (``class_sums``), for the server's ridge head.
 - CHECK_ORDER (Flower ``query.check``, once when the server starts, before any round): no arrays; the
   CHECK_REPLY says which partition the node holds over every task of the run, once its data has been checked.
 
@@ -49,6 +52,7 @@ from common.lorm_manifest_pb2 import (
 from common.lorm_manifest_pb2 import Partition as PartitionSpec
 from common.grams import low_rank_factor, shrink
 from common.identity import Partition
+from common.layout import CLASS_SUMS
 from common.model import HEAD
 from common.wire import flatten, pack_symmetric, unflatten, unpack_symmetric
 
@@ -268,6 +272,7 @@ class ClientReply:
     gram_wire_dtype: torch.dtype = torch.float64  # how the Grams travelled (bounds their rounding error)
     low_rank: dict[str, float] = field(default_factory=dict)  # layer -> its shrinkage alpha, where worth trying
     partition: Partition | None = None  # the node's partition over the order's task (None only in tests)
+    class_sums: Tensor | None = None  # head-sums replies: Y^T X of the task's classes, (m, d), float32 on the wire
 
     @property
     def kind(self) -> int:
@@ -291,6 +296,8 @@ class ClientReply:
         arrays |= flatten("gram", {n: t / scales[n] for n, (_, t, _) in encoded.items()}, gram_dtype)
         if self.head_weight is not None:
             arrays |= flatten(HEAD, {"weight": self.head_weight, "bias": self.head_bias}, torch.float32)
+        if self.class_sums is not None:
+            arrays[CLASS_SUMS] = self.class_sums.to(torch.float32)
         specs = tuple(
             GramSpec(layer=n, form=encoded[n][0], d_in=g.shape[-1], scale=scales[n], shrinkage=encoded[n][2])
             for n, g in sorted(self.grams.items())
@@ -334,4 +341,5 @@ class ClientReply:
             projected=frozenset(s.layer for s in m.grams if s.form == PROJECTED_PACKED),
             gram_wire_dtype=wire_dtype if wire_grams else torch.float64,
             partition=read_partition(m),
+            class_sums=arrays.get(CLASS_SUMS),
         )

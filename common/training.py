@@ -90,6 +90,19 @@ def gram_pass(
 
 
 @torch.no_grad()
+def head_inputs(model: nn.Module, loader: DataLoader, *, device: str) -> tuple[Tensor, Tensor]:
+    """(head inputs (n, d) float64 on the CPU, labels (n,)) of every sample of ``loader``, through the model as it
+    is set (float32, no autocast, as evaluation runs it)."""
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(model.features(x.to(device)).double().cpu())
+        ys.append(y)
+    if not xs:  # a client without samples of the task
+        return torch.zeros(0, model.head.in_features, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@torch.no_grad()
 def predict_logits(
     model: nn.Module, loader: DataLoader, num_seen: int, *, device: str
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from flwr.common.logger import log
 from torch import Tensor
 
 from common.identity import IdentityError, PartitionBook
-from common.layout import ReplySpec
+from common.layout import CLASS_SUMS, ReplySpec
 from common.lorm_manifest_pb2 import GRAMS_REPLY, ROUND_REPLY
 from common.methods import Method
 from common.methods.base import COUNT_N, COUNT_NLOSS, sum_terms
@@ -129,6 +129,8 @@ def _accept(node: int, arrays: dict, config: dict, order: RoundOrder, spec: Repl
     tensors: dict[str, object] = {f"{f}:{name}": t for f, layers in reply.trained.items() for name, t in layers.items()}
     if spec.factor:
         tensors |= {"head.weight": reply.head_weight, "head.bias": reply.head_bias}
+    if reply.class_sums is not None:  # one the spec does not state is refused as unexpected
+        tensors[CLASS_SUMS] = reply.class_sums
     validate_update(
         str(node), tensors, reply.grams, reply.num_examples, spec.tensors, spec.gram_shapes, reply.gram_wire_dtype
     )

@@ -4,7 +4,7 @@ What the files are and how the delta becomes a LoRA adapter is in common/export.
 from the server's experiment and the schedule's state and writes the model card. The folder is replaced in one
 step (common/export.py:atomic_folder), so a reader or a crash never sees half of it. It always holds the model
 after the last finished task: W0 + the method's evaluated delta and the head over every class seen so far, the
-model whose accuracy the run reports.
+model whose accuracy the run reports (with head = "analytic": W0, a zero delta, and the ridge head).
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def model_card(exp: Experiment, run_folder: Path, task: int, results: dict, data
         f"strategy {r.strategy}, backbone {r.backbone} ({spec.timm_name} in timm), LoRA rank {r.rank}, "
         f"{r.rounds_per_task} rounds per task x {r.local_epochs} local epochs, lr {r.lr}, batch {r.batch_size}, "
         f"Dirichlet beta {r.beta}, alpha-backbone {r.alpha_backbone}, alpha-head {r.alpha_head}, ridge {r.ridge}, "
-        f"augment {r.augment}, head-init {r.head_init}, seed {r.seed}; every setting is in ../config.json"
+        f"augment {r.augment}, head-init {r.head_init}, seed {r.seed}, head {r.head}"
+        + (f" (ridge {r.head_ridge:g} on the pre-trained features, zero LoRA delta)" if r.head == "analytic" else "")
+        + "; every setting is in ../config.json"
     )
     return f"""# {run_folder.name}: {seen} classes after task {task + 1} of {len(exp.tasks)}
 

@@ -3,7 +3,9 @@
     for each task t:      fresh adapter (B = 0, A from a seed every client shares), the task's head block
         for each round:   clients train the round's factors + head block -> the method's merge
         task end:         (if the method asks) clients' Grams -> the method's task-end rule
-                          evaluate W0 + the method's delta on every task seen -> one row of the accuracy matrix
+                          (head = "analytic") clients' head sums through W0 -> the ridge head over every class seen
+                          evaluate W0 + the method's delta (W0 alone with the analytic head) on every task seen
+                          -> one row of the accuracy matrix
                           export that model for timm and peft (server/export.py)
 
 The method (common/methods/) says what each step computes and the aggregation (server/aggregation.py) how the
@@ -14,6 +16,7 @@ enter a merge, so a client that fails or times out is left out of that round (an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -23,12 +26,15 @@ import torch
 from flwr.common.logger import log
 from torch import Tensor
 
+from common.analytic import HeadSums, head_rows
 from common.experiment import Experiment, stable_seed
 from common.identity import PartitionBook
-from common.layout import GRAMS, TRAIN
+from common.layout import CLASS_SUMS, GRAMS, HEAD_SUMS, TRAIN
 from common.lora import init_adapter
 from common.merges import MergeError, TaskSums
 from common.methods import CrossTask
+from common.methods.base import COUNT_N
+from common.model import HEAD
 from common.protocol import RoundOrder
 from server.aggregation import Aggregation
 from server.evaluation import evaluate_seen
@@ -66,7 +72,11 @@ class Schedule:
         A, B = self._fresh_adapter(0)
         # Drawn again as the model was built: in one process another run may have trained the live head.
         weight, bias = self.exp.model.initial_head()
-        return ServerState(task=0, round=0, A=A, B=B, sums=TaskSums(), head_weight=weight, head_bias=bias)
+        head = self.exp.model.head
+        head_sums = HeadSums.zeros(head.in_features, head.out_features) if self.config.head == "analytic" else None
+        return ServerState(
+            task=0, round=0, A=A, B=B, sums=TaskSums(), head_weight=weight, head_bias=bias, head_sums=head_sums
+        )
 
     @property
     def finished(self) -> bool:
@@ -86,7 +96,8 @@ class Schedule:
         return (
             f"{r.strategy}: {len(self.exp.tasks)} tasks x {r.rounds_per_task} rounds "
             f"({' '.join(self.method.schedule(r.rounds_per_task))}), rank {r.rank}, alpha backbone "
-            f"{r.alpha_backbone:.2f} / head {r.alpha_head:.2f}, {len(self.exp.shapes)} adapted layers"
+            f"{r.alpha_backbone:.2f} / head {r.alpha_head:.2f}, {len(self.exp.shapes)} adapted layers, "
+            + ("trained head" if r.head == "trained" else f"analytic head on W0 (ridge {r.head_ridge:g})")
         )
 
     def _order(self, factor: str) -> RoundOrder:
@@ -101,7 +112,10 @@ class Schedule:
     def _exchange(self, aggregation: Aggregation, kind: str, factor: str):
         lo, hi = self.exp.block(self.state.task)
         spec = self.method.reply_spec(kind, factor, self.exp.dims, hi - lo)
-        return aggregation.exchange(self._order(factor), spec, self.method)
+        order = self._order(factor)
+        if kind == HEAD_SUMS:  # features through W0 alone: the order carries no adapter
+            order = dataclasses.replace(order, A={}, B={}, past=[])
+        return aggregation.exchange(order, spec, self.method)
 
     def _on_device(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         return {key: t.to(self.merge_device) for key, t in terms.items()}
@@ -162,9 +176,12 @@ class Schedule:
         cross = method.end_task((s.A, s.B), CrossTask(s.past, s.sums), grams)
         s.past, s.sums = cross.past, cross.sums
         deltas = method.eval_deltas(cross, list(self.exp.shapes), self.config.ridge)
+        head_weight, head_bias = s.head_weight, s.head_bias
+        if s.head_sums is not None:
+            deltas, head_weight, head_bias = self._analytic_head(aggregation, deltas)
         for observe in self.task_end_observers:
             observe(s.task, deltas)
-        row, aware = evaluate_seen(self.exp, deltas, s.head_weight, s.head_bias, upto_task=s.task)
+        row, aware = evaluate_seen(self.exp, deltas, head_weight, head_bias, upto_task=s.task)
         s.acc.append(row)
         s.task_aware.append(aware)
         result = self.report.write_results(s.acc, self.exp.test_samples, {"tasks_done": s.task + 1}, s.task_aware)
@@ -175,7 +192,7 @@ class Schedule:
             result.get("task_aware_faa", math.nan),
         )
         # The model just evaluated, as files timm and peft load (<run>/model/); redone if the run resumes here.
-        exported = export_model(self.exp, self.report.folder, deltas, s.head_weight, s.head_bias, s.task, result)
+        exported = export_model(self.exp, self.report.folder, deltas, head_weight, head_bias, s.task, result)
         log(INFO, "model exported to %s (LoRA rank %d, %.1f s)", self.report.folder / "model",
             exported["adapter_rank"], exported["export_s"])
         s.task += 1
@@ -183,6 +200,21 @@ class Schedule:
         if s.task < len(self.exp.tasks):
             s.A, s.B = self._fresh_adapter(s.task)
         self._save()
+
+    def _analytic_head(self, aggregation: Aggregation, deltas: dict[str, Tensor]) -> tuple[dict, Tensor, Tensor]:
+        """head = "analytic": the task's head sums join the running ones; returns the model to evaluate, W0 (a zero
+        delta, as the sums were taken through W0: the method's adapters train and merge but do not enter it) with
+        the ridge head over every class seen (bias 0). The trained head in the state is left as it is."""
+        s = self.state
+        lo, hi = self.exp.block(s.task)
+        gathered = self._exchange(aggregation, HEAD_SUMS, "")
+        terms = gathered.terms
+        s.head_sums.add(terms[f"gram/{HEAD}"], terms[CLASS_SUMS].T, round(float(terms[COUNT_N].item())), lo)
+        log(INFO, "[task %d/%d end] head sums of %d clients (partitions %s), %d dropped, up %.1f kB/client",
+            s.task + 1, len(self.exp.tasks), gathered.clients, " ".join(map(str, gathered.partitions)) or "withheld",
+            gathered.dropped, gathered.uplink_bytes_per_client / 1e3)
+        weight, bias = head_rows(s.head_sums, self.config.head_ridge, hi)
+        return {name: torch.zeros_like(d) for name, d in deltas.items()}, weight, bias
 
 
 def stored(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,9 +1,9 @@
 """The server's whole state between rounds, and its atomic checkpoint.
 
 Everything needed to resume sits here: where the schedule is, the shared adapter, the head, the cross-task
-running sums S and H, the past tasks' adapters (clients need them for the Gram model), the accuracy matrix so far
-and the per-round history. It is written after every round with write-to-temp + rename, so a crash leaves either
-the previous or the new checkpoint, never half of one.
+running sums S and H, the past tasks' adapters (clients need them for the Gram model), the analytic head's sums
+(head = "analytic"), the accuracy matrix so far and the per-round history. It is written after every round with
+write-to-temp + rename, so a crash leaves either the previous or the new checkpoint, never half of one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from common.analytic import HeadSums
 from common.merges import TaskSums
 
 CHECKPOINT_VERSION = 1
@@ -61,6 +62,7 @@ class ServerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0  # seconds the schedule has run, over every session up to this checkpoint
     num_partitions: int = 0  # the run's, as set or learnt at the first start-up check (0: not known yet)
+    head_sums: HeadSums | None = None  # head = "analytic": the sums over clients and finished tasks
 
     def save(self, path: Path, fingerprint: str) -> None:
         payload = {
@@ -79,6 +81,7 @@ class ServerState:
             "history": self.history,
             "wall_s": self.wall_s,
             "num_partitions": self.num_partitions,
+            "head_sums": None if self.head_sums is None else self.head_sums.state_dict(),
         }
         with replaced_atomically(path) as f:
             torch.save(payload, f)
@@ -117,4 +120,5 @@ class ServerState:
             history=payload["history"],
             wall_s=payload.get("wall_s", 0.0),  # absent from checkpoints written before it existed
             num_partitions=payload.get("num_partitions", 0),
+            head_sums=HeadSums.from_state_dict(sums) if (sums := payload.get("head_sums")) is not None else None,
         )

@@ -40,6 +40,18 @@ def test_bad_values_name_the_key(override, key):
     assert key.split("-")[0] in str(err.value) and "run config" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "override", [{"head": "linear"}, {"head-ridge": 0.0}, {"head-ridge": -1.0}, {"head-ridge": float("inf")},
+                 {"head-ridge": float("nan")}, {"head-ridge": "x"}],
+)
+def test_head_settings_are_checked_naming_the_key(override):
+    (key,) = override
+    with pytest.raises(ConfigError, match=f"invalid run config: {key}: "):
+        RunConfig.parse(override, source="run config")
+    assert (RunConfig().head, RunConfig().head_ridge) == ("trained", 0.1)  # the paper's head by default
+    assert RunConfig.parse({"head": "analytic", "head-ridge": 10}, source="run config").head_ridge == 10.0
+
+
 def test_node_config_checks_partition_range_and_ignores_unknown_keys():
     node = NodeConfig.parse({"partition-id": 1, "num-partitions": 3, "other": "x"}, source="node config")
     assert node.partition_id == 1

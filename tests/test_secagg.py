@@ -20,6 +20,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.compat.common import recorddict_compat as compat
 
+from common.analytic import head_rows
 from common.config import ConfigError, RunConfig
 from common.grams import shrink
 from common.layout import GRAMS, TRAIN, Dims
@@ -285,6 +286,24 @@ def test_secure_schedule_ends_where_the_plain_one_does(tmp_path, strategy):
     assert secure.acc == plain.acc
     for p, s in zip(plain.history, secure.history):
         assert (s["clients"], s["dropped"]) == (K, 0) and s["train_loss"] == pytest.approx(p["train_loss"], rel=1e-6)
+
+
+def test_secure_analytic_head_equals_the_plain_one(tmp_path):
+    from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
+
+    run = RunConfig(**TINY | {"num_tasks": 2, "rounds_per_task": 1}, head="analytic")
+    plain = run_in_process(schedule_for(run, tmp_path / "plain"), InProcessTransport(run, K))
+    secure = _run_secure(run.model_copy(update={"privacy": "secagg"}), tmp_path / "secure")
+    # plain: float32 transport (~6e-8 relative per sum); secure: SecAgg+'s fixed point, below 4 K / T = 1e-8 of
+    # each array's largest entry (common/secagg.py); the ridge solve amplifies both by its conditioning, far below
+    # this. A lost or doubled client, a wrong scale or a transposed block would be off by far more.
+    _close(secure.head_sums.G, plain.head_sums.G, 1e-6)
+    _close(secure.head_sums.C, plain.head_sums.C, 1e-6)
+    assert secure.head_sums.n == plain.head_sums.n
+    seen = 2 * TINY["classes_per_task"]
+    _close(head_rows(secure.head_sums, run.head_ridge, seen)[0], head_rows(plain.head_sums, run.head_ridge, seen)[0],
+           1e-4)
+    assert secure.acc == plain.acc
 
 
 def test_the_in_process_federation_refuses_a_secagg_run_instead_of_running_it_plain(tmp_path):

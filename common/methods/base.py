@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from common.layout import GRAMS, TRAIN, Dims, ReplySpec, Term
+from common.layout import CLASS_SUMS, GRAMS, HEAD_SUMS, TRAIN, Dims, GramForm, GramSlot, ReplySpec, Term
 from common.merges import MergeError, TaskSums, delta_sum, head_from_sums, times_gram
 from common.model import HEAD
 from common.protocol import ClientReply, RoundOrder
@@ -97,7 +97,13 @@ class Method(ABC):
         """One client's backbone terms (float64), as ``round_layout`` states them; ``shared``: the order's (A, B)."""
 
     def reply_spec(self, kind: str, factor: str, dims: Dims, head_rows: int) -> ReplySpec:
-        """The layout of a reply to a round order (``kind`` TRAIN) or a task-end Gram query (GRAMS)."""
+        """The layout of a reply to a round order (``kind`` TRAIN), a task-end Gram query (GRAMS) or a task-end
+        head-sums query (HEAD_SUMS: the analytic head's sums, common/analytic.py, the same for every method)."""
+        if kind == HEAD_SUMS:
+            gram = GramSlot(GramForm.DENSE, dims.head_in)  # X^T X, raw (no shrinkage): the ridge regularises
+            sums = (head_rows, dims.head_in)
+            terms = {f"gram/{HEAD}": Term(gram.shape, gram=True), CLASS_SUMS: Term(sums), COUNT_N: Term((1,))}
+            return ReplySpec(kind, "", {CLASS_SUMS: sums}, {HEAD: gram}, terms)
         if kind == GRAMS:
             grams = {name: dims.gram(name) for name in dims.shapes}
             terms = {f"gram/{name}": Term(g.shape, gram=True) for name, g in grams.items()}
@@ -122,8 +128,10 @@ class Method(ABC):
         """Everything one client adds to the reduction (float64, shapes as ``reply_spec`` states them)."""
         n = float(reply.num_examples)
         count = {COUNT_N: torch.tensor([n], dtype=torch.float64)}
-        if not order.factor:
-            return {f"gram/{name}": g.to(torch.float64) for name, g in reply.grams.items()} | count
+        if not order.factor:  # a task end: the Grams asked for, and the class sums of a head-sums reply
+            grams = {f"gram/{name}": g.to(torch.float64) for name, g in reply.grams.items()}
+            sums = {} if reply.class_sums is None else {CLASS_SUMS: reply.class_sums.to(torch.float64)}
+            return grams | sums | count
         assert reply.head_weight is not None and reply.head_bias is not None  # validated: a round reply has them
         W, b = reply.head_weight.to(torch.float64), reply.head_bias.to(torch.float64)
         out = self.backbone_terms(order.factor, reply, (order.A, order.B)) | {"head/nb": b * n}
