@@ -89,6 +89,25 @@ def test_the_federated_head_is_the_ridge_solve_on_the_stacked_w0_features_and_is
     assert (logits.argmax(1) == predicted).all()
 
 
+def test_the_client_app_answers_the_head_sums_query_as_the_in_process_clients_do(tmp_path):
+    """The same run over Flower messages (``query.head`` to the ClientApp, tests/direct_grid.py) and in process."""
+    from client.client_app import app
+    from server.aggregation import PlainAggregation
+    from server.startup import check_nodes
+    from server.transport import FlowerTransport
+    from tests.direct_grid import DirectGrid, server_identity
+
+    run = RUN.model_copy(update={"num_tasks": 1})
+    direct = run_in_process(schedule_for(run, tmp_path / "in-process"), InProcessTransport(run, K))
+    with server_identity():
+        schedule = schedule_for(run, tmp_path / "flower")
+        transport = FlowerTransport(DirectGrid(app, run.model_dump(by_alias=True), K), 1, 60.0, 0.2)
+        check_nodes(transport, schedule)
+        state = schedule.run(PlainAggregation(transport, run.min_clients, schedule.partitions))
+    assert torch.equal(state.head_sums.G, direct.head_sums.G) and torch.equal(state.head_sums.C, direct.head_sums.C)
+    assert state.acc == direct.acc
+
+
 def test_a_restarted_server_ends_with_the_same_analytic_head(tmp_path):
     whole = run_in_process(schedule_for(RUN, tmp_path / "whole"), InProcessTransport(RUN, K))
 

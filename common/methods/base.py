@@ -8,7 +8,8 @@ A method states, in its own module, everything the rest of the app asks of it:
 - ``merge_backbone``: the server merge, a pure function from the reduced terms to new tensors;
 - ``end_task`` / ``eval_deltas``: what a finished task leaves behind, and the backbone delta evaluated.
 
-The head block, the sample count and the loss are the same for every method and handled here. Register a method
+The head block, the sample count, the loss and the analytic head's task-end sums (HEAD_SUMS, head = "analytic")
+are the same for every method and handled here. Register a method
 with ``@register_method``; nothing else in the app names one.
 """
 
