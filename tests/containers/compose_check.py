@@ -132,26 +132,30 @@ def brought_up(compose: Compose, *services: str):
         compose("down", "-v", "-t", "10", check=False, timeout=600)
 
 
-def plain_pass(workdir: Path, env: dict) -> dict:
+def completed_job(name: str, cli: Cli, compose: Compose, k: int, workdir: Path) -> None:
+    """The tiny job on k SuperNodes, which must complete with its metrics.json on the results volume."""
+    t = time.monotonic()
+    status = cli.run_job(k, workdir / f"{name}-run.log")
+    step(f"{name}: run {status} ({time.monotonic() - t:.0f} s)")
+    if not status.startswith("finished:completed"):
+        raise AssertionError(f"{name} run ended {status}; serverapp log:\n"
+                             f"{compose.logs('superexec-serverapp')[-4000:]}")
+    metrics = results_metrics(f"{PROJECT}_results")
+    step(f"{name}: metrics.json on the results volume: FAA {metrics['faa']:.2f}, accuracy matrix "
+         f"{metrics['acc_matrix']}")
+
+
+def plain_pass(workdir: Path, env: dict) -> None:
     compose = Compose(["compose.yml", "compose.cpu.yml"], env)
     cli = Cli(workdir / "cli-plain", ca=None)
     t = time.monotonic()
     with brought_up(compose):
         cli.wait_until_up(3, compose)
         step(f"plain: SuperLink + 3 SuperNodes online ({time.monotonic() - t:.0f} s)")
-        t = time.monotonic()
-        status = cli.run_job(3, workdir / "plain-run.log")
-        step(f"plain: run {status} ({time.monotonic() - t:.0f} s)")
-        if not status.startswith("finished:completed"):
-            raise AssertionError(f"plain run ended {status}; serverapp log:\n"
-                                 f"{compose.logs('superexec-serverapp')[-4000:]}")
-        metrics = results_metrics(f"{PROJECT}_results")
-        step(f"plain: metrics.json on the results volume: FAA {metrics['faa']:.2f}, "
-             f"accuracy matrix {metrics['acc_matrix']}")
-    return metrics
+        completed_job("plain", cli, compose, 3, workdir)
 
 
-def tls_pass(workdir: Path, env: dict) -> dict:
+def tls_pass(workdir: Path, env: dict) -> None:
     certs = workdir / "certs"
     sh("bash", str(ROOT / "deploy" / "certs.sh"), "-n", "3", str(certs), "superlink")
     for path in [certs, *certs.iterdir()]:
@@ -165,19 +169,13 @@ def tls_pass(workdir: Path, env: dict) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"could not register supernode-0 over TLS:\n{out.stdout}{out.stderr}")
             time.sleep(2)
-        sh(str(BIN / "flwr"), "supernode", "register", str(certs / "supernode-1.pub"), "compose", env=cli.env)
+        if (out := cli("supernode", "register", str(certs / "supernode-1.pub"), "compose")).returncode != 0:
+            raise RuntimeError(f"could not register supernode-1:\n{out.stdout}{out.stderr}")
         compose("up", "-d", timeout=600)  # every service: supernode-3's key (supernode-2) is not registered
         cli.wait_until_up(2, compose)
         step(f"tls: SuperLink with TLS + SuperNode auth, 2 registered SuperNodes online ({time.monotonic() - t:.0f} s)")
-        t = time.monotonic()
-        status = cli.run_job(2, workdir / "tls-run.log")
-        step(f"tls: run {status} ({time.monotonic() - t:.0f} s)")
-        if not status.startswith("finished:completed"):
-            raise AssertionError(f"TLS run ended {status}; serverapp log:\n"
-                                 f"{compose.logs('superexec-serverapp')[-4000:]}")
-        metrics = results_metrics(f"{PROJECT}_results")
+        completed_job("tls", cli, compose, 2, workdir)
         online = cli.nodes_online()
-        step(f"tls: metrics.json FAA {metrics['faa']:.2f}; SuperNodes online: {online}")
         node_log, link_log = compose.logs("supernode-3"), compose.logs("superlink")
         # the two sides of a refusal, as tests/test_deploy_local.py checks them without containers
         if online != 2 or "Failed to activate SuperNode" not in node_log or (
@@ -186,7 +184,6 @@ def tls_pass(workdir: Path, env: dict) -> dict:
                                  f"{node_log[-3000:]}\nSuperLink log:\n{link_log[-3000:]}")
         step("tls: unregistered supernode-3 refused (its log: 'Failed to activate SuperNode'; the SuperLink's: "
              "'No SuperNode found with the given public key')")
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
