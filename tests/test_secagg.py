@@ -364,13 +364,17 @@ def test_flower_simulation_in_secagg_mode_ends_where_the_plain_run_does(tmp_path
     run = RunConfig(**TINY | {"min_clients": 3})
     plain = run_in_process(schedule_for(run, tmp_path / "plain"), InProcessTransport(run, K))
     secure = torch.load(out_dir / "secagg" / "state.pt", weights_only=False)
+    # The two runs train in different processes with different torch thread counts (Ray's ClientApp actors, this
+    # process), so their float sums differ by about 1e-4 relative (1.05e-4 in one CI run), well above what SecAgg+'s
+    # fixed point adds (~1e-8); test_secure_schedule_ends_where_the_plain_one_does checks that at 1e-4 in one process.
+    rtol = 1e-3
     for key in ("A", "B"):
         for name, t in getattr(plain, key).items():
-            _close(secure[key][name], t, 1e-4)
-    _close(secure["head_weight"], plain.head_weight, 1e-4)
-    _close(secure["head_bias"], plain.head_bias, 1e-4)
+            _close(secure[key][name], t, rtol)
+    _close(secure["head_weight"], plain.head_weight, rtol)
+    _close(secure["head_bias"], plain.head_bias, rtol)
     for key in ("S", "H"):
         for name, t in getattr(plain.sums, key).items():
-            _close(secure["sums"][key][name], t, 1e-4)
+            _close(secure["sums"][key][name], t, rtol)
     assert secure["acc"] == plain.acc
     assert [(h["clients"], h["dropped"]) for h in secure["history"]] == [(3, 0), (3, 0)]
