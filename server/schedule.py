@@ -175,10 +175,11 @@ class Schedule:
                 gathered.dropped)
         cross = method.end_task((s.A, s.B), CrossTask(s.past, s.sums), grams)
         s.past, s.sums = cross.past, cross.sums
-        deltas = method.eval_deltas(cross, list(self.exp.shapes), self.config.ridge)
-        head_weight, head_bias = s.head_weight, s.head_bias
-        if s.head_sums is not None:
-            deltas, head_weight, head_bias = self._analytic_head(aggregation, deltas)
+        if s.head_sums is None:
+            deltas = method.eval_deltas(cross, list(self.exp.shapes), self.config.ridge)
+            head_weight, head_bias = s.head_weight, s.head_bias
+        else:  # the method's delta is not evaluated: the analytic head was fit on W0's features
+            deltas, head_weight, head_bias = self._analytic_head(aggregation)
         for observe in self.task_end_observers:
             observe(s.task, deltas)
         row, aware = evaluate_seen(self.exp, deltas, head_weight, head_bias, upto_task=s.task)
@@ -201,7 +202,7 @@ class Schedule:
             s.A, s.B = self._fresh_adapter(s.task)
         self._save()
 
-    def _analytic_head(self, aggregation: Aggregation, deltas: dict[str, Tensor]) -> tuple[dict, Tensor, Tensor]:
+    def _analytic_head(self, aggregation: Aggregation) -> tuple[dict, Tensor, Tensor]:
         """head = "analytic": the task's head sums join the running ones; returns the model to evaluate, W0 (a zero
         delta, as the sums were taken through W0: the method's adapters train and merge but do not enter it) with
         the ridge head over every class seen (bias 0). The trained head in the state is left as it is."""
@@ -214,7 +215,8 @@ class Schedule:
             s.task + 1, len(self.exp.tasks), gathered.clients, " ".join(map(str, gathered.partitions)) or "withheld",
             gathered.dropped, gathered.uplink_bytes_per_client / 1e3)
         weight, bias = head_rows(s.head_sums, self.config.head_ridge, hi)
-        return {name: torch.zeros_like(d) for name, d in deltas.items()}, weight, bias
+        zero = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in self.exp.shapes.items()}
+        return zero, weight, bias
 
 
 def stored(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
