@@ -43,10 +43,11 @@ from common.config import RunConfig
 from common.data import client_task_indices
 from common.experiment import Experiment, stable_seed
 from common.lora import set_deltas
-from common.metrics import accuracy_per_task, average_accuracy, average_forgetting, task_aware_accuracy_per_task
+from common.metrics import (
+    accuracy_per_task, average_accuracy, average_forgetting, square_matrix, task_aware_accuracy_per_task,
+)
 from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
 from deploy.processes import ROOT
-from server.report import square
 
 HEADS = ("trained", "analytic", "oracle", "w0")
 
@@ -118,8 +119,8 @@ def analytic_matrices(exp: Experiment, deltas: list[dict], clients: int, ridges:
 
 
 def score(acc: list[list[float]], aware: list[list[float]]) -> dict:
-    return {"faa": average_accuracy(square(acc)), "forgetting": average_forgetting(square(acc)),
-            "task_aware_faa": average_accuracy(square(aware)), "final_row": " ".join(f"{a:.1f}" for a in acc[-1])}
+    return {"faa": average_accuracy(square_matrix(acc)), "forgetting": average_forgetting(square_matrix(acc)),
+            "task_aware_faa": average_accuracy(square_matrix(aware)), "final_row": " ".join(f"{a:.1f}" for a in acc[-1])}
 
 
 def main(argv: list[str] | None = None) -> int:

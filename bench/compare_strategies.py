@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(aggregate(runs) | {"chosen": chosen})
             print(f"{strategy} beta {beta}: FAA {rows[-1]['faa']:.2f} +- {rows[-1]['faa_std']:.2f}% "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
-            if parse_strategy(strategy)[0] == args.own_delta:
+            trained = json.loads((runs[0]["folder"] / "config.json").read_text())["head"] == "trained"
+            if parse_strategy(strategy)[0] == args.own_delta and trained:  # an analytic run has no task deltas
                 rows.append(aggregate([own_delta_row(r) for r in runs]) | {"chosen": chosen})
             add_paired_differences(rows, args.strategies[0])
             write_table(rows, args.out)

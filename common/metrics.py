@@ -10,6 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def square_matrix(rows: list[list[float]]) -> np.ndarray:
+    """Lower-triangular rows (row t holds tasks 0..t) -> a square matrix with NaN above the diagonal."""
+    n = len(rows)
+    out = np.full((n, n), np.nan)
+    for t, row in enumerate(rows):
+        out[t, : len(row)] = row
+    return out
+
+
 def _square(acc: np.ndarray | list[list[float]]) -> np.ndarray:
     a = np.asarray(acc, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:

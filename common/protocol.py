@@ -220,6 +220,11 @@ class RoundOrder:
     def kind(self) -> int:
         return ROUND_ORDER if self.factor else GRAMS_ORDER
 
+    @property
+    def where(self) -> str:
+        """The step in log lines and errors: "task 2 round 1", or "task 2 end" for a task-end query."""
+        return f"task {self.task} round {self.round}" if self.factor else f"task {self.task} end"
+
     def to_wire(self) -> tuple[dict[str, Tensor], dict[str, bytes]]:
         arrays = flatten("A", self.A, torch.float32) | flatten("B", self.B, torch.float32)
         for tau, (a, b) in enumerate(self.past):

@@ -96,16 +96,15 @@ class PlainAggregation:
                 [(node, reply.partition, reply.num_examples) for node, reply in parsed], (order.task,)
             )
         except IdentityError as err:
-            raise RoundFailed(f"task {order.task} round {order.round}: {err}") from None
+            raise RoundFailed(f"{order.where}: {err}") from None
         dropped += refused
         valid = [reply for node, reply in parsed if node in counted]
         for node, reason in dropped:
-            log(WARNING, "dropping %s from task %d round %d: %s", self.partitions.describe(node), order.task,
-                order.round, reason)
+            log(WARNING, "dropping %s from %s: %s", self.partitions.describe(node), order.where, reason)
         if len(valid) < self.min_clients:
             # e.g. a round-timeout too short names itself
             raise RoundFailed(
-                f"task {order.task} round {order.round}: {len(valid)} valid replies, min-clients is {self.min_clients}"
+                f"{order.where}: {len(valid)} valid replies, min-clients is {self.min_clients}"
                 f"{why_left_out(self.partitions, dropped)}"
             )
         return valid, len(dropped)

@@ -4,7 +4,7 @@
         config.json       the validated run config (written at the run's first checkpoint: a run refused at
                           start-up, or resumed with nothing left to do, leaves the folder as it was)
         rounds.csv        one line per round: task, round, factor, clients, drops, the partitions merged, loss,
-                          bytes, merge and wall time
+                          bytes, merge and wall time (head = "analytic": one line per task, factor "head-sums")
         acc_matrix.csv    acc[t][j] (%) after task t on task j's classes (empty when j > t)
         metrics.json      FAA, average forgetting, accuracy per task after each task, the matrix, wall time, and
                           the task-aware FAA and matrix (argmax within each task's classes: a diagnostic);
@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.metrics import (  # noqa: E402
-    average_accuracy, average_forgetting, forgetting_after_learning, pooled_accuracy,
+    average_accuracy, average_forgetting, forgetting_after_learning, pooled_accuracy, square_matrix,
 )
 from server.state import replaced_atomically  # noqa: E402
 
@@ -46,15 +46,6 @@ ROUND_FIELDS = [
     "task", "round", "factor", "clients", "dropped", "partitions", "train_loss", "uplink_bytes_per_client",
     "downlink_bytes_per_client", "merge_s", "wall_s",
 ]
-
-
-def square(acc: list[list[float]]) -> np.ndarray:
-    """Lower-triangular rows -> a square matrix with NaN above the diagonal."""
-    n = len(acc)
-    out = np.full((n, n), np.nan)
-    for t, row in enumerate(acc):
-        out[t, : len(row)] = row
-    return out
 
 
 # Two conventions for each headline number, named so that neither is mistaken for the other.
@@ -71,7 +62,7 @@ def summary(
     acc: list[list[float]], test_samples: list[int], task_aware: list[list[float]] | None = None
 ) -> dict[str, Any]:
     """metrics.json's content. test_samples[j]: task j's test images (for the pooled accuracy)."""
-    matrix = square(acc)
+    matrix = square_matrix(acc)
     result = {
         "faa": average_accuracy(matrix),
         "faa_pooled": pooled_accuracy(matrix, test_samples),
@@ -83,7 +74,8 @@ def summary(
         "acc_matrix": acc,
     }
     if task_aware and len(task_aware) == len(acc):
-        result |= {"task_aware_faa": average_accuracy(square(task_aware)), "task_aware_acc_matrix": task_aware}
+        result |= {"task_aware_faa": average_accuracy(square_matrix(task_aware)),
+                   "task_aware_acc_matrix": task_aware}
     return result
 
 
@@ -154,7 +146,7 @@ class RunReport:
         result = summary(acc, test_samples, task_aware) | extra
         with replaced_atomically(self.folder / "metrics.json") as f:
             f.write(json.dumps(result, indent=2).encode())
-        matrix = square(acc)
+        matrix = square_matrix(acc)
         with open(self.folder / "acc_matrix.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["after_task"] + [f"task_{j}" for j in range(len(acc))])

@@ -3,10 +3,11 @@
     for each task t:      fresh adapter (B = 0, A from a seed every client shares), the task's head block
         for each round:   clients train the round's factors + head block -> the method's merge
         task end:         (if the method asks) clients' Grams -> the method's task-end rule
-                          (head = "analytic") clients' head sums through W0 -> the ridge head over every class seen
-                          evaluate W0 + the method's delta (W0 alone with the analytic head) on every task seen
-                          -> one row of the accuracy matrix
+                          evaluate W0 + the method's delta on every task seen -> one row of the accuracy matrix
                           export that model for timm and peft (server/export.py)
+
+With head = "analytic" the evaluated model is W0 with a ridge head over every class seen, so no adapter trains:
+each task is one exchange, the clients' head sums through W0, then the same evaluation and export.
 
 The method (common/methods/) says what each step computes and the aggregation (server/aggregation.py) how the
 replies are gathered; this module names neither a method nor a privacy mode. Only replies that pass validation
@@ -42,6 +43,8 @@ from server.export import export_model
 from server.report import RunReport
 from server.state import ServerState
 from server.transport import RoundFailed
+
+HEAD_SUMS_FACTOR = "head-sums"  # rounds.csv's factor column for a task's head-sums exchange (head = "analytic")
 
 
 class Schedule:
@@ -93,11 +96,15 @@ class Schedule:
 
     def summary(self) -> str:
         r = self.config
+        if r.head == "analytic":
+            return (
+                f"analytic head on W0 (ridge {r.head_ridge:g}): {len(self.exp.tasks)} tasks, one head-sums exchange "
+                f"each; no adapter trains, so strategy {r.strategy!r} and its round settings do not enter the model"
+            )
         return (
             f"{r.strategy}: {len(self.exp.tasks)} tasks x {r.rounds_per_task} rounds "
             f"({' '.join(self.method.schedule(r.rounds_per_task))}), rank {r.rank}, alpha backbone "
-            f"{r.alpha_backbone:.2f} / head {r.alpha_head:.2f}, {len(self.exp.shapes)} adapted layers, "
-            + ("trained head" if r.head == "trained" else f"analytic head on W0 (ridge {r.head_ridge:g})")
+            f"{r.alpha_backbone:.2f} / head {r.alpha_head:.2f}, {len(self.exp.shapes)} adapted layers, trained head"
         )
 
     def _order(self, factor: str) -> RoundOrder:
@@ -123,7 +130,8 @@ class Schedule:
     def run(self, aggregation: Aggregation) -> ServerState:
         """Every remaining round and task end, checkpointed after each; returns the final state."""
         log(INFO, "%s", self.summary())
-        s, tasks, rounds = self.state, self.exp.tasks, self.config.rounds_per_task
+        s, tasks = self.state, self.exp.tasks
+        rounds = self.config.rounds_per_task if s.head_sums is None else 0  # an analytic head needs no adapter
         factors = self.method.schedule(rounds)
         while s.task < len(tasks):
             while s.round < rounds:
@@ -165,20 +173,11 @@ class Schedule:
         return gathered.record | {"merge_s": time.perf_counter() - started}
 
     def _task_end(self, aggregation: Aggregation) -> None:
-        s, method = self.state, self.method
-        grams = None
-        if method.task_end_grams:
-            gathered = self._exchange(aggregation, GRAMS, "")  # the running sums stay on the CPU, as checkpointed
-            grams = {key[len("gram/"):]: t for key, t in gathered.terms.items() if key.startswith("gram/")}
-            log(INFO, "[task %d/%d end] Grams of %d clients (partitions %s), %d dropped", s.task + 1,
-                len(self.exp.tasks), gathered.clients, " ".join(map(str, gathered.partitions)) or "withheld",
-                gathered.dropped)
-        cross = method.end_task((s.A, s.B), CrossTask(s.past, s.sums), grams)
-        s.past, s.sums = cross.past, cross.sums
+        s = self.state
         if s.head_sums is None:
-            deltas = method.eval_deltas(cross, list(self.exp.shapes), self.config.ridge)
+            deltas = self._merged_delta(aggregation)
             head_weight, head_bias = s.head_weight, s.head_bias
-        else:  # the method's delta is not evaluated: the analytic head was fit on W0's features
+        else:
             deltas, head_weight, head_bias = self._analytic_head(aggregation)
         for observe in self.task_end_observers:
             observe(s.task, deltas)
@@ -202,19 +201,38 @@ class Schedule:
             s.A, s.B = self._fresh_adapter(s.task)
         self._save()
 
+    def _merged_delta(self, aggregation: Aggregation) -> dict[str, Tensor]:
+        """The method's task-end rule (with the clients' Grams if it asks for them); returns the delta to evaluate."""
+        s, method = self.state, self.method
+        grams = None
+        if method.task_end_grams:
+            gathered = self._exchange(aggregation, GRAMS, "")  # the running sums stay on the CPU, as checkpointed
+            grams = {key[len("gram/"):]: t for key, t in gathered.terms.items() if key.startswith("gram/")}
+            log(INFO, "[task %d/%d end] Grams of %d clients (partitions %s), %d dropped", s.task + 1,
+                len(self.exp.tasks), gathered.clients, " ".join(map(str, gathered.partitions)) or "withheld",
+                gathered.dropped)
+        cross = method.end_task((s.A, s.B), CrossTask(s.past, s.sums), grams)
+        s.past, s.sums = cross.past, cross.sums
+        return method.eval_deltas(cross, list(self.exp.shapes), self.config.ridge)
+
     def _analytic_head(self, aggregation: Aggregation) -> tuple[dict, Tensor, Tensor]:
-        """head = "analytic": the task's head sums join the running ones; returns the model to evaluate, W0 (a zero
-        delta, as the sums were taken through W0: the method's adapters train and merge but do not enter it) with
-        the ridge head over every class seen (bias 0). The trained head in the state is left as it is."""
+        """head = "analytic": the task's head sums join the running ones (the exchange is the task's one line in
+        rounds.csv); returns the model to evaluate, W0 (a zero delta: the sums were taken through W0) with the
+        ridge head over every class seen (bias 0)."""
         s = self.state
         lo, hi = self.exp.block(s.task)
+        started = time.perf_counter()
         gathered = self._exchange(aggregation, HEAD_SUMS, "")
+        solving = time.perf_counter()
         terms = gathered.terms
         s.head_sums.add(terms[f"gram/{HEAD}"], terms[CLASS_SUMS].T, round(float(terms[COUNT_N].item())), lo)
+        weight, bias = head_rows(s.head_sums, self.config.head_ridge, hi)
+        done = time.perf_counter()
+        s.history.append({"task": s.task, "round": 0, "factor": HEAD_SUMS_FACTOR} | gathered.record
+                         | {"merge_s": done - solving, "wall_s": done - started})
         log(INFO, "[task %d/%d end] head sums of %d clients (partitions %s), %d dropped, up %.1f kB/client",
             s.task + 1, len(self.exp.tasks), gathered.clients, " ".join(map(str, gathered.partitions)) or "withheld",
             gathered.dropped, gathered.uplink_bytes_per_client / 1e3)
-        weight, bias = head_rows(s.head_sums, self.config.head_ridge, hi)
         zero = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in self.exp.shapes.items()}
         return zero, weight, bias
 

@@ -142,7 +142,7 @@ class SecureAggregation:
         self.summer, self.run = summer, run
 
     def exchange(self, order: RoundOrder, spec: ReplySpec, method: Method) -> Aggregate:
-        where = f"task {order.task} round {order.round}"
+        where = order.where
         if not spec.summable:
             raise RoundFailed(f"{where}: {method.name}'s terms are not sums over clients; secure aggregation "
                               "cannot carry them")

@@ -6,6 +6,8 @@ features of every client's task data stacked, and numpy's lstsq on the augmented
 [Y; 0] (as tests/test_analytic.py), lam = head-ridge * mean(diag(X^T X)).
 """
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from common.backbones import backbone_spec
 from common.config import RunConfig
 from common.data import client_task_indices
 from common.export import MODEL_DIR, load_network
+from common.layout import CHECK, HEAD_SUMS
 from common.metrics import accuracy_per_task
 from common.model import HEAD
 from deploy.inprocess import InProcessTransport, run_in_process, schedule_for
@@ -116,8 +119,8 @@ def test_a_restarted_server_ends_with_the_same_analytic_head(tmp_path):
 
     class CrashingTransport(InProcessTransport):
         def exchange(self, kind, *args):
-            # calls: 0 start-up check; task 0: 1 round, 2 Grams, 3 head sums; task 1: 4 round, 5 Grams, 6 head sums
-            if self.calls == 6:
+            # calls: 0 start-up check, 1 task 0's head sums, 2 task 1's (no adapter rounds, no Grams)
+            if self.calls == 2:
                 raise Crash()
             return super().exchange(kind, *args)
 
@@ -125,13 +128,26 @@ def test_a_restarted_server_ends_with_the_same_analytic_head(tmp_path):
         run_in_process(schedule_for(RUN, tmp_path / "cut"), CrashingTransport(RUN, K))
     resumed = schedule_for(RUN, tmp_path / "cut")
     # the checkpoint holds task 0's sums; task 1's end is done again from its start
-    assert (resumed.state.task, resumed.state.round, len(resumed.state.acc)) == (1, 1, 1)
+    assert (resumed.state.task, resumed.state.round, len(resumed.state.acc)) == (1, 0, 1)
     assert 0 < resumed.state.head_sums.n < whole.head_sums.n
     final = run_in_process(resumed, InProcessTransport(RUN, K))
 
     assert final.acc == whole.acc
     assert torch.equal(final.head_sums.G, whole.head_sums.G) and torch.equal(final.head_sums.C, whole.head_sums.C)
     assert final.head_sums.n == whole.head_sums.n
+
+
+def test_an_analytic_run_trains_no_adapter_and_logs_each_head_sums_exchange_in_rounds_csv(tmp_path):
+    transport = InProcessTransport(RUN, K)
+    kinds = []
+    exchange = transport.exchange
+    transport.exchange = lambda kind, *args: kinds.append(kind) or exchange(kind, *args)
+    run_in_process(schedule_for(RUN, tmp_path / "r"), transport)
+    assert kinds == [CHECK] + [HEAD_SUMS] * RUN.num_tasks
+    with open(tmp_path / "r" / "rounds.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert [(line["task"], line["factor"]) for line in lines] == [(str(t), "head-sums") for t in range(RUN.num_tasks)]
+    assert all(int(line["clients"]) == K and float(line["uplink_bytes_per_client"]) > 0 for line in lines)
 
 
 def test_trained_head_runs_keep_no_head_sums_and_ask_for_none(tmp_path):
@@ -163,7 +179,7 @@ def test_malformed_head_sums_are_dropped_with_a_log_line_and_the_rest_still_coun
     run = RUN.model_copy(update={"num_tasks": 1, "min_clients": 1})
     schedule = schedule_for(run, tmp_path / "r")
     state = run_in_process(schedule, InProcessTransport(run, K))
-    dropped = [m for m in caplog.messages if m.startswith("dropping") and "round 1" in m]
+    dropped = [m for m in caplog.messages if m.startswith("dropping") and "task 0 end" in m]
     assert len(dropped) == 3, dropped
     assert any("negative diagonal" in m for m in dropped) and any("NaN" in m for m in dropped)
     assert any("class_sums: tensor shape (4, 64)" in m for m in dropped)

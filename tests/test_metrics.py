@@ -3,7 +3,7 @@ import pytest
 
 from common.metrics import (
     accuracy_per_task, average_accuracy, average_forgetting, forgetting_after_learning, pooled_accuracy,
-    task_aware_accuracy_per_task,
+    square_matrix, task_aware_accuracy_per_task,
 )
 
 
@@ -26,6 +26,14 @@ def test_the_reference_conventions_by_hand():
     assert pooled_accuracy(acc, [100, 300, 100]) == pytest.approx((60 * 100 + 75 * 300 + 50 * 100) / 500)
     assert pooled_accuracy(acc, [100, 300, 100], after_task=1) == pytest.approx((95 * 100 + 80 * 300) / 400)
     assert pooled_accuracy(acc, [7, 7, 7]) == pytest.approx(average_accuracy(acc))
+
+
+def test_square_matrix_puts_nan_above_the_diagonal_of_the_stored_rows():
+    a = square_matrix([[90.0], [70.0, 80.0], [60.0, 75.0, 50.0]])
+    assert a.shape == (3, 3)
+    assert np.isnan(a[np.triu_indices(3, 1)]).all()
+    assert a[np.tril_indices(3)].tolist() == [90.0, 70.0, 80.0, 60.0, 75.0, 50.0]
+    assert average_accuracy(a) == pytest.approx((60 + 75 + 50) / 3)
 
 
 def test_single_task_has_no_forgetting():

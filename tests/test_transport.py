@@ -5,8 +5,6 @@ has passed."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -14,6 +12,7 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 
 from common.config import RunConfig
 from common.identity import PartitionBook
+from common.protocol import RoundOrder
 from deploy.inprocess import schedule_for
 from server.aggregation import PlainAggregation
 from server import transport
@@ -102,8 +101,8 @@ def test_when_every_node_times_out_the_error_names_round_timeout(clock):
     grid = ScriptedGrid(silent=[11, 12])
     with server_identity():
         envelopes = FlowerTransport(grid, 1, 0.01, 0.2).exchange("train", {"a": torch.zeros(1)}, {}, 1 << 20)
-    order = SimpleNamespace(task=0, round=0)
-    with pytest.raises(RoundFailed, match=r"0 valid replies, min-clients is 1; node 11 \(partition unknown\): no "
+    order = RoundOrder(task=0, round=0, factor="B", block=(0, 5), A={}, B={})
+    with pytest.raises(RoundFailed, match=r"task 0 round 0: 0 valid replies, min-clients is 1; node 11 \(partition unknown\): no "
                        r"reply within round-timeout 0.01 s"):
         PlainAggregation(None, 1, PartitionBook(None, 0.5, 0)).select(envelopes, order, None)
 
